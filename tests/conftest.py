@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random models of every adapter family, built in process (no network)."""
+
+from __future__ import annotations
+
+import os
+
+# Set before anything imports triton, so Triton kernels run in the interpreter on CPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+
+import vtc
+from vtc.adapters import ADAPTERS
+
+FAMILIES = ADAPTERS.names()
+_MODELS: dict[tuple, torch.nn.Module] = {}
+
+
+def tiny(family: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32, **kw) -> torch.nn.Module:
+    """A cached tiny model; tests must leave it unwrapped (use vtc.apply or remove their handle)."""
+    key = (family, attn, dtype, tuple(sorted(kw.items())))
+    if key not in _MODELS:
+        _MODELS[key] = ADAPTERS.get(family).tiny_model(attn_implementation=attn, dtype=dtype, **kw)
+    return _MODELS[key]
+
+
+def batch_for(model, family: str, images: list[int] | None = None, batch: int = 2, seed: int = 0):
+    """(padded batch, per-row unpadded samples) for `model`."""
+    adapter = ADAPTERS.get(family)
+    samples = adapter.make_samples(model, batch=batch, seed=seed, images=images)
+    return adapter.collate(model, samples), samples
+
+
+def forward_inputs(family: str, inputs: dict) -> dict:
+    """`inputs` for a plain forward of a left-padded batch.
+
+    LLaVA's forward numbers positions 0..L-1 whatever the padding (transformers' behaviour; ``generate``
+    derives them from the mask), so a padded row only matches its unpadded run with explicit positions.
+    Qwen derives its M-RoPE positions from the attention mask itself.
+    """
+    if family != "llava" or "attention_mask" not in inputs:
+        return inputs
+    positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return {**inputs, "position_ids": positions}
+
+
+def generate(model, inputs: dict, n: int = 6) -> torch.Tensor:
+    """Greedy generation of exactly `n` new tokens; returns only the new tokens."""
+    out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[:, inputs["input_ids"].shape[1] :]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_wrap():
+    """Every test must leave the cached models unwrapped."""
+    yield
+    from vtc.api import _WRAPPED
+
+    leaked = [h for h in list(_WRAPPED.values()) if h.model in _MODELS.values()]
+    for h in leaked:
+        h.remove()
+    assert not leaked, f"a test left {leaked} wrapped"
+
+
+def hook_ids(model: torch.nn.Module) -> set[tuple[str, str, int]]:
+    """Every forward (pre-)hook registered on any submodule."""
+    out = set()
+    for name, mod in model.named_modules():
+        for kind in ("_forward_pre_hooks", "_forward_hooks"):
+            out |= {(name, kind, k) for k in getattr(mod, kind)}
+    return out
+
+
+__all__ = ["FAMILIES", "batch_for", "forward_inputs", "generate", "hook_ids", "tiny", "vtc"]

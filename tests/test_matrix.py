@@ -1,0 +1,125 @@
+"""The invariants every registered method must keep on every adapter family (ARCHITECTURE.md section 7).
+
+The matrix enumerates the registries: a new method or family is tested here without editing this file.
+Each method must register a ``noop`` preset; every other preset is a row of the matrix.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import batch_for, forward_inputs, generate, hook_ids, tiny
+
+import vtc
+from vtc.adapters import ADAPTERS
+from vtc.flops import planned_counts
+from vtc.method import get_method
+
+METHOD_NAMES = vtc.list_methods()
+SPECS = [s for s in vtc.list_methods(presets=True) if "." in s and not s.endswith(".noop")]
+
+
+def visual_and_text(family: str, sample: dict) -> tuple[int, int]:
+    """Visual and text tokens of a one-row sample."""
+    adapter = ADAPTERS.get(family)(tiny(family))  # not installed: only reads the placeholder ids
+    visual = int(adapter.visual_mask(sample["input_ids"], None).sum())
+    return visual, sample["input_ids"].shape[1] - visual
+
+
+def test_every_method_has_a_noop_preset():
+    for name in METHOD_NAMES:
+        assert "noop" in get_method(name).presets, f"{name} needs a 'noop' preset for the matrix"
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_forward_generate_and_declared_counts(family, spec):
+    model = tiny(family)
+    inputs, samples = batch_for(model, family)
+    with vtc.apply(model, spec) as handle, torch.no_grad():
+        out = model(**inputs)
+        assert torch.isfinite(out.logits).all()
+        stats = handle.stats
+        dims = handle.adapter.dims()
+        for row, sample in enumerate(samples):
+            n_visual, n_text = visual_and_text(family, sample)
+            expected, dense = planned_counts(dims, handle.methods, n_visual, n_text)
+            assert [layer[row] for layer in stats.tokens_per_layer] == expected
+            assert expected != dense, f"{spec} should prune the tiny model's {n_visual} visual tokens"
+        new = generate(model, inputs)
+        assert new.shape == (len(samples), 6)
+        assert handle.stats.decode_steps == 5
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_padded_batch_equals_rows_alone(family, spec):
+    model = tiny(family)
+    inputs, samples = batch_for(model, family, images=[1, 1, 2] if family == "llava" else [1, 1, 1], batch=3)
+    with torch.no_grad():  # the unwrapped model agrees with itself, so any difference below is vtc's
+        dense = model(**forward_inputs(family, inputs)).logits[:, -1]
+        for row, sample in enumerate(samples):
+            torch.testing.assert_close(dense[row], model(**sample).logits[0, -1], atol=1e-4, rtol=1e-4)
+    with vtc.apply(model, spec) as handle, torch.no_grad():
+        batched = model(**forward_inputs(family, inputs)).logits[:, -1]
+        kept = [k.clone() for k in handle.stats.kept_visual()]
+        tokens = generate(model, inputs)
+        for row, sample in enumerate(samples):
+            alone = model(**sample).logits[0, -1]
+            torch.testing.assert_close(batched[row], alone, atol=1e-4, rtol=1e-4)
+            assert torch.equal(handle.stats.kept_visual()[0], kept[row])
+            assert torch.equal(generate(model, sample)[0], tokens[row])
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_remove_restores_bit_identical_logits_and_leaves_no_hook(family, method):
+    model = tiny(family)
+    inputs, _ = batch_for(model, family)
+    hooks_before = hook_ids(model)
+    attn_before = model.config.text_config._attn_implementation
+    with torch.no_grad():
+        base = model(**inputs).logits
+        handle = vtc.wrap(model, method)
+        assert hook_ids(model) != hooks_before
+        pruned = model(**inputs).logits
+        handle.remove()
+        after = model(**inputs).logits
+    assert pruned.shape != base.shape  # the method did act
+    assert torch.equal(after, base)
+    assert hook_ids(model) == hooks_before
+    assert model.config.text_config._attn_implementation == attn_before
+    handle.remove()  # a second call is harmless
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_noop_preset_equals_baseline(family, method):
+    model = tiny(family)
+    inputs, _ = batch_for(model, family)
+    with torch.no_grad():
+        base = model(**inputs).logits
+        base_tokens = generate(model, inputs)
+        with vtc.apply(model, f"{method}.noop"):
+            assert torch.equal(model(**inputs).logits, base)
+            assert torch.equal(generate(model, inputs), base_tokens)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_same_seed_same_tokens(family, spec):
+    model = tiny(family)
+    inputs, _ = batch_for(model, family)
+    with vtc.apply(model, spec), torch.no_grad():
+        first = generate(model, inputs)
+        torch.manual_seed(123)
+        sampled = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=True)
+        assert torch.equal(generate(model, inputs), first)
+        torch.manual_seed(123)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=True), sampled)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_runs_in_bf16_and_fp32(family, method, dtype):
+    model = tiny(family, dtype=dtype)
+    inputs, _ = batch_for(model, family)
+    with vtc.apply(model, method), torch.no_grad():
+        out = model(**inputs).logits
+        assert out.dtype == dtype and torch.isfinite(out.float()).all()
+        assert generate(model, inputs, n=3).shape == (2, 3)

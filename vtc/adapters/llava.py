@@ -1,0 +1,118 @@
+"""Adapter for LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP tower, MLP projector, Llama-style LM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vtc.adapters.base import Adapter
+from vtc.adapters.registry import register_adapter
+from vtc.errors import UnsupportedModelError
+from vtc.flops import ModelDims, VisionDims
+
+
+@register_adapter
+class LlavaAdapter(Adapter):
+    """LLaVA-1.5 and other single-resolution LLaVA checkpoints in transformers' native format."""
+
+    name = "llava"
+    model_types = ("llava",)
+
+    def _find_parts(self) -> None:
+        vlm = getattr(self.model, "model", None)
+        if vlm is None or not hasattr(vlm, "language_model") or not hasattr(self.model, "lm_head"):
+            raise UnsupportedModelError(
+                f"vtc wraps LlavaForConditionalGeneration; got {type(self.model).__name__}. "
+                f"Pass the model with the LM head (the one that has .generate)."
+            )
+        self.vlm = vlm
+        self.text_model = vlm.language_model
+        self.layers = self.text_model.layers
+        self.final_norm = self.text_model.norm
+        self.lm_head = self.model.lm_head
+        self.vision_tower = vlm.vision_tower
+        self.projector = vlm.multi_modal_projector
+
+    def visual_token_ids(self) -> tuple[int, ...]:
+        return (self.model.config.image_token_id,)
+
+    def dims(self) -> ModelDims:
+        v = self.model.config.vision_config
+        patches = (v.image_size // v.patch_size) ** 2
+        full = self.model.config.vision_feature_select_strategy == "full"
+        vision = VisionDims(
+            num_layers=v.num_hidden_layers,
+            hidden=v.hidden_size,
+            ffn=v.intermediate_size,
+            ffn_matrices=2,
+            patches_per_token=1,
+            extra_tokens=0 if full else 1,  # the CLS token runs through the tower but is dropped
+            tokens_per_image=patches + (1 if full else 0),
+            projector_macs_per_token=self._linear_macs(self.projector),
+        )
+        return self._text_dims(vision)
+
+    # -- tiny models ------------------------------------------------------------------------------
+    IMAGE_SIZE, PATCH, IMAGE_TOKEN = 64, 4, 127  # 16 x 16 = 256 visual tokens per image
+
+    @classmethod
+    def tiny_model(
+        cls, *, seed: int = 0, num_layers: int = 4, attn_implementation: str = "sdpa", dtype=torch.float32, **kw: Any
+    ) -> nn.Module:
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+        vision = CLIPVisionConfig(
+            image_size=cls.IMAGE_SIZE, patch_size=cls.PATCH, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+        )  # fmt: skip
+        text = LlamaConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.1, **kw,
+        )  # fmt: skip
+        config = LlavaConfig(
+            vision_config=vision, text_config=text, image_token_index=cls.IMAGE_TOKEN,
+            image_seq_length=(cls.IMAGE_SIZE // cls.PATCH) ** 2,
+            vision_feature_select_strategy="default", vision_feature_layer=-1,
+        )  # fmt: skip
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+        return model.to(dtype).eval()
+
+    @classmethod
+    def make_samples(
+        cls, model: nn.Module, *, batch: int = 2, seed: int = 0, images: list[int] | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        images = [1] * batch if images is None else images
+        g = torch.Generator().manual_seed(seed)
+        n_visual = (cls.IMAGE_SIZE // cls.PATCH) ** 2
+        dtype = next(model.parameters()).dtype
+        samples = []
+        for i, n_img in enumerate(images):
+            ids = [1, *torch.randint(3, 100, (2 + i,), generator=g).tolist()]
+            for _ in range(n_img):
+                ids += [cls.IMAGE_TOKEN] * n_visual + torch.randint(3, 100, (2,), generator=g).tolist()
+            ids += torch.randint(3, 100, (3 + 2 * i,), generator=g).tolist()
+            sample = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+            if n_img:
+                sample["pixel_values"] = torch.randn(n_img, 3, cls.IMAGE_SIZE, cls.IMAGE_SIZE, generator=g).to(dtype)
+            samples.append(sample)
+        return samples
+
+    @classmethod
+    def collate(cls, model: nn.Module, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        pad = model.config.text_config.pad_token_id
+        width = max(s["input_ids"].shape[1] for s in samples)
+        ids = torch.full((len(samples), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(samples), width, dtype=torch.long)
+        for i, s in enumerate(samples):
+            n = s["input_ids"].shape[1]
+            ids[i, width - n :] = s["input_ids"][0]
+            mask[i, width - n :] = s["attention_mask"][0]
+        out = {"input_ids": ids, "attention_mask": mask}
+        pixels = [s["pixel_values"] for s in samples if "pixel_values" in s]
+        if pixels:
+            out["pixel_values"] = torch.cat(pixels)
+        return out

@@ -1,0 +1,154 @@
+"""Adapter for Qwen2-VL (``Qwen2VLForConditionalGeneration``): dynamic-resolution ViT, M-RoPE LM.
+
+Visual tokens are images and videos alike. Positions are M-RoPE (temporal, height, width rows, plus a
+text row in generate's 4-row form); the base adapter keeps them exact by gathering the rotary
+embeddings at each kept token's original input position, so ``rope_deltas`` stay valid as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vtc.adapters.base import Adapter
+from vtc.adapters.registry import register_adapter
+from vtc.errors import UnsupportedModelError
+from vtc.flops import ModelDims, VisionDims
+
+
+@register_adapter
+class Qwen2VLAdapter(Adapter):
+    """Qwen2-VL checkpoints in transformers' native format."""
+
+    name = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+
+    def _find_parts(self) -> None:
+        vlm = getattr(self.model, "model", None)
+        if vlm is None or not hasattr(vlm, "visual") or not hasattr(self.model, "lm_head"):
+            raise UnsupportedModelError(
+                f"vtc wraps {self._model_class}; got {type(self.model).__name__}. "
+                f"Pass the model with the LM head (the one that has .generate)."
+            )
+        self.vlm = vlm
+        self.text_model = vlm.language_model
+        self.layers = self.text_model.layers
+        self.final_norm = self.text_model.norm
+        self.lm_head = self.model.lm_head
+        self.vision_tower = vlm.visual
+        self.projector = vlm.visual.merger
+
+    _model_class = "Qwen2VLForConditionalGeneration"
+
+    def visual_token_ids(self) -> tuple[int, ...]:
+        return (self.model.config.image_token_id, self.model.config.video_token_id)
+
+    def _vision_dims(self) -> VisionDims:
+        v = self.model.config.vision_config
+        return VisionDims(
+            num_layers=v.depth,
+            hidden=v.embed_dim,
+            ffn=int(v.embed_dim * v.mlp_ratio),
+            ffn_matrices=2,
+            patches_per_token=v.spatial_merge_size**2,
+            projector_macs_per_token=self._linear_macs(self.projector),
+        )
+
+    def dims(self) -> ModelDims:
+        return self._text_dims(self._vision_dims())
+
+    # -- tiny models ------------------------------------------------------------------------------
+    GRID, PATCH, TEMPORAL = 32, 8, 2  # 32 x 32 patches, merged 2 x 2: 256 visual tokens per image
+    IMAGE_TOKEN, VIDEO_TOKEN, START, END = 120, 121, 122, 123
+
+    @classmethod
+    def _tiny_vision_config(cls) -> dict[str, Any]:
+        return dict(
+            depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2,
+            patch_size=cls.PATCH, temporal_patch_size=cls.TEMPORAL, spatial_merge_size=2,
+        )  # fmt: skip
+
+    @classmethod
+    def _tiny_config(cls, num_layers: int, **kw: Any):
+        from transformers import Qwen2VLConfig
+
+        return Qwen2VLConfig(**cls._tiny_config_kwargs(num_layers, **kw))
+
+    @classmethod
+    def _tiny_config_kwargs(cls, num_layers: int, **kw: Any) -> dict[str, Any]:
+        text = dict(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4},
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.1, **kw,
+        )  # fmt: skip
+        return dict(
+            vision_config=cls._tiny_vision_config(), text_config=text,
+            image_token_id=cls.IMAGE_TOKEN, video_token_id=cls.VIDEO_TOKEN,
+            vision_start_token_id=cls.START, vision_end_token_id=cls.END,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )  # fmt: skip
+
+    @classmethod
+    def _model_cls(cls):
+        from transformers import Qwen2VLForConditionalGeneration
+
+        return Qwen2VLForConditionalGeneration
+
+    @classmethod
+    def tiny_model(
+        cls, *, seed: int = 0, num_layers: int = 4, attn_implementation: str = "sdpa", dtype=torch.float32, **kw: Any
+    ) -> nn.Module:
+        config = cls._tiny_config(num_layers, **kw)
+        torch.manual_seed(seed)
+        model = cls._model_cls()._from_config(config, attn_implementation=attn_implementation)
+        return model.to(dtype).eval()
+
+    @classmethod
+    def make_samples(
+        cls, model: nn.Module, *, batch: int = 2, seed: int = 0, images: list[int] | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        images = [1] * batch if images is None else images
+        g = torch.Generator().manual_seed(seed)
+        patches = cls.GRID * cls.GRID
+        n_visual = patches // 4
+        patch_dim = 3 * cls.TEMPORAL * cls.PATCH * cls.PATCH
+        dtype = next(model.parameters()).dtype
+        samples = []
+        for i, n_img in enumerate(images):
+            ids = torch.randint(3, 100, (2 + i,), generator=g).tolist()
+            for _ in range(n_img):
+                ids += [cls.START] + [cls.IMAGE_TOKEN] * n_visual + [cls.END]
+            ids += torch.randint(3, 100, (3 + 2 * i,), generator=g).tolist()
+            input_ids = torch.tensor([ids])
+            sample = {
+                "input_ids": input_ids,
+                "attention_mask": torch.ones_like(input_ids),
+                "mm_token_type_ids": (input_ids == cls.IMAGE_TOKEN).long(),
+            }
+            if n_img:
+                sample["pixel_values"] = torch.randn(n_img * patches, patch_dim, generator=g).to(dtype)
+                sample["image_grid_thw"] = torch.tensor([[1, cls.GRID, cls.GRID]] * n_img)
+            samples.append(sample)
+        return samples
+
+    @classmethod
+    def collate(cls, model: nn.Module, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        pad = model.config.text_config.pad_token_id
+        width = max(s["input_ids"].shape[1] for s in samples)
+        out = {
+            "input_ids": torch.full((len(samples), width), pad, dtype=torch.long),
+            "attention_mask": torch.zeros(len(samples), width, dtype=torch.long),
+            "mm_token_type_ids": torch.zeros(len(samples), width, dtype=torch.long),
+        }
+        for i, s in enumerate(samples):
+            n = s["input_ids"].shape[1]
+            for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+                out[key][i, width - n :] = s[key][0]
+        for key in ("pixel_values", "image_grid_thw"):
+            parts = [s[key] for s in samples if key in s]
+            if parts:
+                out[key] = torch.cat(parts)
+        return out

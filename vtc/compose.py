@@ -1,0 +1,63 @@
+"""Running several methods in one model: hook order and conflict rules.
+
+Pruning stages run in layer order; stages at the same layer run in the order the user listed them, each
+on the tokens the previous one kept. Attention taps are read-only and any number may share a layer.
+What cannot be composed raises ``MethodConflictError`` when the model is wrapped, never mid-run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from vtc.errors import MethodConflictError
+from vtc.method import AttentionCall, HookPoint, Method
+
+
+class Pipeline:
+    """The methods of one wrapped model, indexed by where they act.
+
+    Args:
+        methods: bound methods, in the order the user gave them.
+        num_layers: decoder layers of the model.
+    """
+
+    def __init__(self, methods: Sequence[Method], num_layers: int) -> None:
+        self.methods = list(methods)
+        names = [m.name for m in self.methods]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise MethodConflictError(
+                f"method {repeated[0]!r} is listed twice; give it once with the settings you want."
+            )
+        generators = [m.name for m in self.methods if HookPoint.GENERATE in m.hooks]
+        if len(generators) > 1:
+            raise MethodConflictError(
+                f"{' and '.join(generators)} each replace the decoding loop; only one decoding method can run."
+            )
+        self._stages: dict[int, list[Method]] = defaultdict(list)
+        self._taps: dict[int, list[Method]] = defaultdict(list)
+        for m in self.methods:
+            for layer in m.prune_layers(num_layers):
+                self._stages[layer].append(m)
+            for layer in m.tap_layers(num_layers):
+                self._taps[layer].append(m)
+
+    @property
+    def stage_layers(self) -> list[int]:
+        return sorted(self._stages)
+
+    @property
+    def tap_layers(self) -> list[int]:
+        return sorted(self._taps)
+
+    def stages_at(self, layer: int) -> list[Method]:
+        return self._stages.get(layer, [])
+
+    def on_forward_start(self) -> None:
+        for m in self.methods:
+            m.on_forward_start()
+
+    def on_attention(self, call: AttentionCall) -> None:
+        for m in self._taps.get(call.layer_idx, []):
+            m.on_attention(call)

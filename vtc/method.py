@@ -1,0 +1,203 @@
+"""Methods, the hook points they act on, and the template bases that keep them small.
+
+A method is a class with a registered ``name``, a ``config_cls`` holding its settings, the hook points
+it uses and the adapter capabilities it needs. ``vtc.wrap`` makes a new instance for every wrapped
+model, so runtime buffers live on the instance and never on the (frozen, shareable) config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from vtc.config import MethodConfig
+from vtc.errors import MissingCapabilityError, UnknownMethodError
+from vtc.registry import Registry
+
+if TYPE_CHECKING:
+    from vtc.adapters.base import Adapter
+    from vtc.state import VisualTokenState
+
+
+class HookPoint(enum.Enum):
+    """Where a method acts, in execution order (see ARCHITECTURE.md section 3)."""
+
+    VISION = "vision"  # vision-tower features -> new features or a keep set
+    EMBEDS = "embeds"  # merged input embeddings -> keep set, before decoder layer 0
+    LAYER = "layer"  # decoder layer i's input -> keep set
+    ATTENTION = "attention"  # q, k, v of chosen layers -> a tap (read) or an edit (weights)
+    CACHE = "cache"  # the KV cache after prefill -> evictions
+    GENERATE = "generate"  # the whole decoding loop
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+    """What an attention tap sees: one attention call of a text decoder layer.
+
+    Attributes:
+        layer_idx: the decoder layer.
+        query: ``[B, Hq, Lq, D]`` post-RoPE queries of this forward's tokens.
+        key: ``[B, Hkv, Lk, D]`` post-RoPE keys, cache included, not repeated for GQA.
+        value: ``[B, Hkv, Lk, D]``.
+        attention_mask: the mask the layer's attention received (None, 2-D or 4-D).
+        scaling: the softmax scale.
+        state: where the visual tokens are among this forward's queries (set by the adapter).
+    """
+
+    layer_idx: int
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attention_mask: torch.Tensor | None
+    scaling: float
+    state: VisualTokenState | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerContext:
+    """What a pruning stage sees at the input of a decoder layer during prefill.
+
+    Attributes:
+        layer_idx: the decoder layer about to run (0 for a stage at the embeddings).
+        hidden: ``[B, L, d]`` its input hidden states.
+        state: where the visual tokens are in that input.
+        adapter: the model family's adapter (final norm, dimensions, ...).
+    """
+
+    layer_idx: int
+    hidden: torch.Tensor
+    state: VisualTokenState
+    adapter: Adapter
+
+
+class Method:
+    """Base of every method.
+
+    Subclasses set the class attributes, implement what their hook points need, and register with
+    ``@register_method``. A pruning stage implements ``prune_layers`` and ``select``; a method that reads
+    attention implements ``tap_layers`` and ``on_attention``.
+    """
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    hooks: ClassVar[frozenset[HookPoint]] = frozenset()
+    requires: ClassVar[frozenset[str]] = frozenset()
+    #: preset name -> settings, e.g. ``{"r128": {"budget": 128}}``; selected as ``"name.r128"``.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(self, config: MethodConfig) -> None:
+        if not isinstance(config, self.config_cls):
+            raise TypeError(f"{self.name} takes a {self.config_cls.__name__}; got {type(config).__name__}.")
+        self.config = config
+        self.adapter: Adapter | None = None
+
+    def bind(self, adapter: Adapter) -> None:
+        """Resolve model-dependent values; raise if the model cannot host this method."""
+        missing = sorted(self.requires - adapter.capabilities)
+        if missing:
+            raise MissingCapabilityError(
+                f"method {self.name!r} needs {', '.join(missing)}, which the {adapter.name!r} adapter does not "
+                f"provide; choose another method for this model family."
+            )
+        self.adapter = adapter
+
+    # -- pruning stages (LAYER, EMBEDS) -------------------------------------------------------------
+    def prune_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Decoder layers at whose input this method prunes (0 = the embeddings) in a model of `num_layers`."""
+        return ()
+
+    def select(self, ctx: LayerContext) -> torch.Tensor | None:
+        """Return ``[B, L]`` bool, true for visual slots to keep (non-visual slots are always kept), or None."""
+        raise NotImplementedError
+
+    def plan(self, visual_per_layer: list[int], text_tokens: int) -> list[int]:
+        """Visual tokens entering each layer after this method, for one sequence, without running the model.
+
+        Used for analytic FLOPs (``vtc flops``); must agree with what ``select`` keeps on such an input.
+
+        Args:
+            visual_per_layer: visual tokens entering each layer before this method.
+            text_tokens: text tokens of the prompt.
+        """
+        return list(visual_per_layer)
+
+    # -- attention taps (ATTENTION) -----------------------------------------------------------------
+    def tap_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Decoder layers whose attention call this method reads during prefill."""
+        return ()
+
+    def on_attention(self, call: AttentionCall) -> None:
+        """Read one attention call of a tapped layer (prefill only)."""
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def on_forward_start(self) -> None:
+        """A new prefill starts: drop buffers from the previous one."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+def resolve_layer(method: str, name: str, layer: int, num_layers: int, lo: int = 0) -> int:
+    """Map a possibly negative layer index onto ``[lo, num_layers)``, or raise naming the valid range."""
+    resolved = layer + num_layers if layer < 0 else layer
+    if not lo <= resolved < num_layers:
+        raise ValueError(
+            f"{method}: {name}={layer} is outside this model's decoder layers; use {lo}..{num_layers - 1} "
+            f"(or a negative index from the end)."
+        )
+    return resolved
+
+
+class ScoringPruner(Method):
+    """Template for pruners that score visual tokens and keep the best ones.
+
+    A subclass writes ``score`` and ``num_keep``; the base masks everything but valid visual tokens, takes
+    a stable top-k per row (ties go to the lower index) and returns the keep mask.
+    """
+
+    hooks = frozenset({HookPoint.LAYER})
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        """``[B, L]`` scores over the current slots (higher = keep); only valid visual slots are read."""
+        raise NotImplementedError
+
+    def num_keep(self, n_visual: torch.Tensor) -> torch.Tensor:
+        """``[B]`` visual tokens to keep per row, given ``[B]`` visual tokens present."""
+        raise NotImplementedError
+
+    def select(self, ctx: LayerContext) -> torch.Tensor:
+        from vtc import kernels
+
+        state = ctx.state
+        candidates = state.visual & state.valid
+        k = torch.minimum(self.num_keep(state.num_visual()), state.num_visual())
+        picks = kernels.topk_gather(self.score(ctx), k, valid=candidates)
+        keep = torch.zeros_like(candidates)
+        return keep.scatter(1, picks.indices, picks.mask) & candidates
+
+
+METHODS: Registry[type[Method]] = Registry("method", UnknownMethodError)
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Register a method class and tie its config class to its name (the one registration point)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a class attribute `name` before it can be registered.")
+    if cls.config_cls is MethodConfig:
+        raise ValueError(f"{cls.__name__} needs its own `config_cls` (a MethodConfig subclass).")
+    cls.config_cls.method = cls.name
+    for preset, settings in cls.presets.items():
+        cls.config_cls(**settings)  # a broken preset fails at import, not in a user's run
+        if "." in preset:
+            raise ValueError(f"preset names contain no '.'; got {cls.name}.{preset}.")
+    return METHODS.register(cls.name, cls)
+
+
+def get_method(name: str) -> type[Method]:
+    """The registered method class called `name` (importing the built-in methods first)."""
+    import vtc.methods  # noqa: F401  (registers the built-in methods)
+
+    return METHODS.get(name)

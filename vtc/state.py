@@ -1,0 +1,174 @@
+"""Where the visual tokens are during a forward, and the statistics a user reads after it.
+
+``VisualTokenState`` describes the token sequence as the decoder currently sees it: for every slot,
+which input position it came from, whether it is visual, and whether it takes part in attention.
+Pruning stages replace it with a gathered copy; nothing in it is model-specific.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from vtc.flops import FlopsReport, ModelDims
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualTokenState:
+    """The current token sequence of one forward, relative to that forward's input.
+
+    Attributes:
+        index: ``[B, L]`` position in the input sequence of each current slot; ``-1`` marks a padding
+            slot that vtc added so rows keeping different counts share one length.
+        visual: ``[B, L]`` the slot holds a visual (image or video) token.
+        valid: ``[B, L]`` the slot takes part in attention (the user's attention mask, and not a vtc slot).
+        ordinal: ``[B, L]`` for visual slots, the index of the token among its row's visual tokens in the
+            input (the patch order, for plots); ``-1`` elsewhere.
+    """
+
+    index: torch.Tensor
+    visual: torch.Tensor
+    valid: torch.Tensor
+    ordinal: torch.Tensor
+
+    @classmethod
+    def initial(cls, visual: torch.Tensor, valid: torch.Tensor) -> VisualTokenState:
+        """The state of an unpruned input: slot i holds input position i."""
+        batch, length = visual.shape
+        index = torch.arange(length, device=visual.device).expand(batch, length)
+        ordinal = torch.where(visual, visual.long().cumsum(dim=1) - 1, -1)
+        return cls(index=index, visual=visual, valid=valid & torch.ones_like(visual), ordinal=ordinal)
+
+    @property
+    def batch_size(self) -> int:
+        return self.index.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.index.shape[1]
+
+    def num_visual(self) -> torch.Tensor:
+        """``[B]`` visual tokens that take part in attention, per row."""
+        return (self.visual & self.valid).sum(dim=1)
+
+    def num_tokens(self) -> torch.Tensor:
+        """``[B]`` tokens that take part in attention, per row."""
+        return self.valid.sum(dim=1)
+
+    def gather(self, slots: torch.Tensor, filled: torch.Tensor) -> VisualTokenState:
+        """The state after keeping `slots`.
+
+        Args:
+            slots: ``[B, L']`` indices into the current sequence (any value where not `filled`).
+            filled: ``[B, L']`` false for padding slots added by the caller.
+        """
+        safe = slots.clamp(min=0)
+        pick = lambda t: t.gather(1, safe)  # noqa: E731  [B, L] -> [B, L']
+        return VisualTokenState(
+            index=torch.where(filled, pick(self.index), -1),
+            visual=pick(self.visual) & filled,
+            valid=pick(self.valid) & filled,
+            ordinal=torch.where(filled, pick(self.ordinal), -1),
+        )
+
+    def kept_visual(self) -> list[torch.Tensor]:
+        """Per row, the ordinals (patch indices) of the visual tokens still present, ascending."""
+        keep = self.visual & self.valid
+        return [self.ordinal[b][keep[b]].cpu() for b in range(self.batch_size)]
+
+    def kept_positions(self) -> list[torch.Tensor]:
+        """Per row, the input positions of the visual tokens still present, ascending."""
+        keep = self.visual & self.valid
+        return [self.index[b][keep[b]].cpu() for b in range(self.batch_size)]
+
+
+@dataclasses.dataclass
+class StageRecord:
+    """What one pruning stage kept, per batch row.
+
+    Attributes:
+        method: the method's registered name.
+        layer: the decoder layer whose input the stage pruned (0 = the embeddings).
+        kept_visual: per row, ordinals of the visual tokens kept (patch indices into the image/video grid).
+        kept_positions: per row, input positions of the visual tokens kept.
+        visual_before: per row, visual tokens present before the stage.
+    """
+
+    method: str
+    layer: int
+    kept_visual: list[torch.Tensor]
+    kept_positions: list[torch.Tensor]
+    visual_before: list[int]
+
+    @property
+    def visual_after(self) -> list[int]:
+        return [len(k) for k in self.kept_visual]
+
+
+@dataclasses.dataclass
+class TokenStats:
+    """Statistics of the last prefill (and the decode steps that followed it).
+
+    Attributes:
+        tokens_per_layer: ``[layer][row]`` tokens entering each decoder layer that take part in attention
+            (the ``n`` of the FLOPs formula).
+        visual_per_layer: ``[layer][row]`` visual tokens entering each decoder layer.
+        seq_len_per_layer: ``[layer]`` the tensor length each layer computed on (padding included).
+        stages: one record per pruning stage that ran, in execution order.
+        backends: kernel op -> backend that ran it (``"torch"`` or ``"triton"``).
+        decode_steps: forwards after the prefill that reused its cache.
+        extra_forwards: forwards a decoding method ran beyond the model's own.
+        image_tokens: LLM visual tokens of each image (or video) in the batch, for the vision FLOPs.
+    """
+
+    tokens_per_layer: list[list[int]] = dataclasses.field(default_factory=list)
+    visual_per_layer: list[list[int]] = dataclasses.field(default_factory=list)
+    seq_len_per_layer: list[int] = dataclasses.field(default_factory=list)
+    stages: list[StageRecord] = dataclasses.field(default_factory=list)
+    backends: dict[str, str] = dataclasses.field(default_factory=dict)
+    decode_steps: int = 0
+    extra_forwards: int = 0
+    image_tokens: list[int] = dataclasses.field(default_factory=list)
+    dims: ModelDims | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.tokens_per_layer[0]) if self.tokens_per_layer else 0
+
+    def kept_visual(self, stage: int = -1) -> list[torch.Tensor]:
+        """Per row, the patch indices kept by `stage` (default: the last stage)."""
+        if not self.stages:
+            raise ValueError("no pruning stage ran in the last forward; nothing was dropped.")
+        return self.stages[stage].kept_visual
+
+    @property
+    def flops(self) -> FlopsReport:
+        """Prefill FLOPs of the last forward, dense vs compressed, by the papers' per-layer formula."""
+        from vtc.flops import report_from_stats
+
+        if self.dims is None or not self.tokens_per_layer:
+            raise ValueError("no forward has run through the wrapped model yet; run one before reading FLOPs.")
+        return report_from_stats(self, self.dims)
+
+    def summary(self) -> str:
+        """A few human-readable lines: tokens per layer (row 0), stages, backends, FLOPs saved."""
+        if not self.tokens_per_layer:
+            return "TokenStats(no forward yet)"
+        lines = [
+            f"batch {self.batch_size}, {len(self.tokens_per_layer)} layers, decode steps {self.decode_steps}",
+            "tokens entering each layer (row 0): " + " ".join(str(r[0]) for r in self.tokens_per_layer),
+        ]
+        for s in self.stages:
+            lines.append(f"stage {s.method}@{s.layer}: visual {s.visual_before} -> {s.visual_after}")
+        if self.backends:
+            lines.append("backends: " + ", ".join(f"{k}={v}" for k, v in sorted(self.backends.items())))
+        if self.dims is not None:
+            f = self.flops
+            lines.append(f"prefill FLOPs {f.prefill:.4g} vs dense {f.prefill_dense:.4g} ({f.prefill_ratio:.1%})")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
