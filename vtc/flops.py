@@ -40,6 +40,9 @@ class VisionDims:
         extra_tokens: tower tokens per image beyond the patches (CLS: 1 for CLIP).
         tokens_per_image: LLM visual tokens per image when fixed (LLaVA-1.5: 576), else None.
         projector_macs_per_token: multiply-adds of the projector per LLM visual token.
+        patch_embed_macs: multiply-adds of the patch embedding per patch.
+        window: patches per attention window in windowed blocks (Qwen2.5-VL), None for full attention.
+        full_attention_layers: blocks that attend over the whole image when `window` is set.
     """
 
     num_layers: int
@@ -50,13 +53,20 @@ class VisionDims:
     extra_tokens: int = 0
     tokens_per_image: int | None = None
     projector_macs_per_token: int = 0
+    patch_embed_macs: int = 0
+    window: int | None = None
+    full_attention_layers: int = 0
 
     def macs(self, llm_tokens: int) -> float:
         """Multiply-adds of the tower and projector for one image giving `llm_tokens` LLM tokens."""
-        n = llm_tokens * self.patches_per_token + self.extra_tokens
+        patches = llm_tokens * self.patches_per_token
+        n = patches + self.extra_tokens
         d, m = self.hidden, self.ffn
-        per_layer = 4 * n * d * d + 2 * n * n * d + self.ffn_matrices * n * d * m
-        return float(self.num_layers * per_layer + llm_tokens * self.projector_macs_per_token)
+        linear = self.num_layers * (4 * n * d * d + self.ffn_matrices * n * d * m)
+        full_layers = self.num_layers if self.window is None else self.full_attention_layers
+        span = n if self.window is None else min(self.window, n)
+        attention = full_layers * 2 * n * n * d + (self.num_layers - full_layers) * 2 * n * span * d
+        return float(linear + attention + patches * self.patch_embed_macs + llm_tokens * self.projector_macs_per_token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +97,8 @@ class ModelDims:
 
 
 # Published shapes of the checkpoints the papers report on, for FLOPs without loading a model.
-_CLIP_L_336 = VisionDims(24, 1024, 4096, 2, 1, 1, 576, 1024 * 4096 + 4096 * 4096)
-_QWEN2_VIT = VisionDims(32, 1280, 5120, 2, 4, 0, None, 5120 * 5120 + 5120 * 3584)
+_CLIP_L_336 = VisionDims(24, 1024, 4096, 2, 1, 1, 576, 1024 * 4096 + 4096 * 4096, 3 * 14 * 14 * 1024)
+_QWEN2_VIT = VisionDims(32, 1280, 5120, 2, 4, 0, None, 5120 * 5120 + 5120 * 3584, 3 * 2 * 14 * 14 * 1280)
 KNOWN_DIMS: dict[str, ModelDims] = {
     "llava-1.5-7b": ModelDims("llava-1.5-7b", 32, 4096, 11008, 32, 32, 128, 32064, vision=_CLIP_L_336),
     "llava-1.5-13b": ModelDims(
@@ -106,7 +116,10 @@ KNOWN_DIMS: dict[str, ModelDims] = {
     "qwen2-vl-7b": ModelDims("qwen2-vl-7b", 28, 3584, 18944, 28, 4, 128, 152064, vision=_QWEN2_VIT),
     "qwen2.5-vl-7b": ModelDims(
         "qwen2.5-vl-7b", 28, 3584, 18944, 28, 4, 128, 152064,
-        vision=VisionDims(32, 1280, 3420, 3, 4, 0, None, 5120 * 5120 + 5120 * 3584),
+        vision=VisionDims(
+            32, 1280, 3420, 3, 4, 0, None, 5120 * 5120 + 5120 * 3584, 3 * 2 * 14 * 14 * 1280,
+            window=(112 // 14) ** 2, full_attention_layers=4,
+        ),
     ),
 }  # fmt: skip
 

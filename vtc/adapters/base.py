@@ -173,6 +173,8 @@ class Adapter:
         self._find_parts()
         self.text_config = self.text_model.config
         self.num_layers = len(self.layers)
+        types = getattr(self.text_config, "layer_types", None)
+        self._layer_types = list(types) if types else ["full_attention"] * self.num_layers
         self.stats = TokenStats(dims=self.dims())
         self._pipeline: Pipeline | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -394,7 +396,7 @@ class Adapter:
         # and no layer needs them once the rotary embeddings are set.
         if "position_ids" in kwargs:
             kwargs["position_ids"] = None
-        kind = self._layer_type(i)
+        kind = self._layer_types[i]
         if kind not in seg.masks:
             seg.masks[kind] = self._segment_mask(seg, i, kind, hidden, fwd)
         kwargs["attention_mask"] = seg.masks[kind]
@@ -428,10 +430,6 @@ class Adapter:
             position_ids=None,
             layer_idx=i if fwd.cache is not None else None,
         )
-
-    def _layer_type(self, i: int) -> str:
-        types = getattr(self.text_config, "layer_types", None)
-        return types[i] if types else "full_attention"
 
     @staticmethod
     def _segment_at(segments: list[_Segment], i: int) -> _Segment:

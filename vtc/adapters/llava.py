@@ -51,6 +51,7 @@ class LlavaAdapter(Adapter):
             extra_tokens=0 if full else 1,  # the CLS token runs through the tower but is dropped
             tokens_per_image=patches + (1 if full else 0),
             projector_macs_per_token=self._linear_macs(self.projector),
+            patch_embed_macs=v.num_channels * v.patch_size**2 * v.hidden_size,
         )
         return self._text_dims(vision)
 

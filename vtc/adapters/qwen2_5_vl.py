@@ -19,7 +19,6 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801  (the family's own spelli
 
     def _vision_dims(self) -> VisionDims:
         v = self.model.config.vision_config
-        # Window attention in most blocks makes the n^2 term smaller than counted here (full attention).
         return VisionDims(
             num_layers=v.depth,
             hidden=v.hidden_size,
@@ -27,6 +26,10 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801  (the family's own spelli
             ffn_matrices=3,
             patches_per_token=v.spatial_merge_size**2,
             projector_macs_per_token=self._linear_macs(self.projector),
+            patch_embed_macs=self._patch_embed_macs(),
+            # Blocks outside fullatt_block_indexes attend within windows of window_size pixels.
+            window=(v.window_size // v.patch_size) ** 2,
+            full_attention_layers=len(v.fullatt_block_indexes),
         )
 
     @classmethod

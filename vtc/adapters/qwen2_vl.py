@@ -54,7 +54,12 @@ class Qwen2VLAdapter(Adapter):
             ffn_matrices=2,
             patches_per_token=v.spatial_merge_size**2,
             projector_macs_per_token=self._linear_macs(self.projector),
+            patch_embed_macs=self._patch_embed_macs(),
         )
+
+    def _patch_embed_macs(self) -> int:
+        v = self.model.config.vision_config
+        return v.in_channels * v.temporal_patch_size * v.patch_size**2 * self.vision_tower.patch_embed.embed_dim
 
     def dims(self) -> ModelDims:
         return self._text_dims(self._vision_dims())

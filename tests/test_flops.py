@@ -1,0 +1,107 @@
+"""FLOPs: the papers' formula, its GQA-aware variant, and agreement with torch's FLOP counter."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import batch_for, tiny
+from torch.utils.flop_counter import FlopCounterMode
+
+import vtc
+from vtc.adapters import adapter_for
+from vtc.flops import KNOWN_DIMS, ModelDims, decode_flops, report_from_stats
+
+
+def counted(model, sample) -> dict[str, float]:
+    """torch's FLOP counts of one forward, per module name."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**sample)
+    return {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+
+
+def decoder_layers(counts: dict[str, float]) -> list[float]:
+    layers = {int(m.group(1)): v for k, v in counts.items() if (m := re.search(r"language_model\.layers\.(\d+)$", k))}
+    return [layers[i] for i in sorted(layers)]
+
+
+# The counter sees attention products only as plain matmuls (it does not count CPU sdpa), hence eager.
+@pytest.mark.parametrize("spec", [None, "dart.r64"])
+def test_decoder_flops_match_torch_counter(family, spec):
+    model = tiny(family, attn="eager")
+    _, samples = batch_for(model, family, batch=1)
+    with vtc.apply(model, spec or "dart.noop") as handle:  # noop: the dense model, with stats
+        counts = decoder_layers(counted(model, samples[0]))
+        handle_stats = handle.stats
+    report = report_from_stats(handle_stats, handle_stats.dims, formula="gqa")
+    hardware = [2 * x for x in report.per_layer]  # the formula counts multiply-adds; the counter, 2 per
+    stage_layers = {s.layer for s in handle_stats.stages if s.visual_after != s.visual_before}
+    for i, (c, f) in enumerate(zip(counts, hardware, strict=True)):
+        if i not in stage_layers:
+            assert c == f, f"layer {i}: counter {c} vs formula {f}"
+        else:  # the stage's own scoring runs inside the layer's scope: a small, positive residual
+            assert 0 < c - f < 0.05 * f
+    assert sum(counts) == pytest.approx(sum(hardware), rel=0.02)
+
+
+def test_vision_flops_match_torch_counter(family):
+    model = tiny(family, attn="eager")
+    _, samples = batch_for(model, family, batch=1)
+    counts = counted(model, samples[0])
+    adapter = adapter_for(model)
+    tower = [v for k, v in counts.items() if re.search(r"\.(vision_tower|visual|multi_modal_projector)$", k)]
+    n_visual = int(adapter.visual_mask(samples[0]["input_ids"], None).sum())
+    assert sum(tower) == pytest.approx(2 * adapter.dims().vision.macs(n_visual), rel=1e-6)
+
+
+def test_paper_formula_equals_gqa_formula_without_gqa():
+    dims = ModelDims("mha", 2, 64, 128, heads=4, kv_heads=4, head_dim=16, vocab=100)
+    assert dims.layer_macs(50, 50, "paper") == dims.layer_macs(50, 50, "gqa")
+    gqa = ModelDims("gqa", 2, 64, 128, heads=4, kv_heads=2, head_dim=16, vocab=100)
+    assert gqa.layer_macs(50, 50, "gqa") < gqa.layer_macs(50, 50, "paper")
+
+
+def test_llava_7b_dart_r128_by_hand():
+    """LLaVA-1.5-7B, 576 visual + 64 text tokens, DART r128 keeps 132 visual tokens from layer 2 on."""
+    d, m = 4096, 11008
+    per_layer = lambda n: 4 * n * d * d + 2 * n * n * d + 3 * n * d * m  # noqa: E731
+    dense = 32 * per_layer(640)
+    pruned = 2 * per_layer(640) + 30 * per_layer(196)
+    report = vtc.flops("llava-1.5-7b", "dart.r128", text_tokens=64)
+    assert report.prefill_dense == dense
+    assert report.prefill == pruned
+    assert report.prefill_ratio == pytest.approx(pruned / dense)
+    assert 0.33 < report.prefill_ratio < 0.36
+
+
+def test_decode_flops_by_hand():
+    dims = KNOWN_DIMS["llava-1.5-7b"]
+    cached = [640] * 32
+    steps = decode_flops(dims, cached, 2)
+    expected = sum(dims.layer_macs(1, 641) + dims.layer_macs(1, 642) for _ in range(32)) + 2 * 4096 * 32064
+    assert steps == expected
+
+
+def test_report_from_a_run_sums_rows_and_keeps_dense_reference(family):
+    model = tiny(family)
+    inputs, _ = batch_for(model, family)
+    with vtc.apply(model, "dart.r64") as handle, torch.no_grad():
+        model(**inputs)
+        report = handle.stats.flops
+        rows = [list(r) for r in zip(*handle.stats.tokens_per_layer, strict=True)]
+    dims = handle.adapter.dims()
+    assert report.prefill == sum(dims.layer_macs(n, n) for row in rows for n in row)
+    assert report.prefill_dense == sum(dims.layer_macs(row[0], row[0]) * dims.num_layers for row in rows)
+    assert report.prefill < report.prefill_dense
+    assert "prefill" in report.table()
+    assert vtc.flops(handle).prefill == report.prefill
+
+
+def test_flops_errors_name_the_fix():
+    with pytest.raises(ValueError, match=r"llava-1\.5-7b"):
+        vtc.flops("llava-1.5-7", "dart.r64")
+    with pytest.raises(ValueError, match="visual_tokens"):
+        vtc.flops("qwen2-vl-7b", "dart.r64")
+    with pytest.raises(ValueError, match="formula"):
+        KNOWN_DIMS["qwen2-vl-7b"].layer_macs(1, 1, "hardware")

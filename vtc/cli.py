@@ -1,0 +1,265 @@
+"""The ``vtc`` command line: ``vtc demo``, ``vtc flops``, ``vtc bench``, ``vtc list``."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PREFILL_COLUMNS = [
+    ("spec", "method", "s"),
+    ("visual_kept", "kept", "d"),
+    ("dense_ms", "dense ms", ".1f"),
+    ("oracle_ms", "oracle ms", ".1f"),
+    ("vtc_ms", "vtc ms", ".1f"),
+    ("oracle_speedup", "oracle x", ".2f"),
+    ("vtc_speedup", "vtc x", ".2f"),
+    ("vtc_over_oracle", "vtc/oracle", ".3f"),
+    ("flops_ideal_decoder", "FLOPs-ideal x", ".2f"),
+]
+
+
+def _specs(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def environment() -> dict[str, str]:
+    """Versions and device, recorded with every result row."""
+    import torch
+    import transformers
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86_64'})"
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": device,
+        "threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def append_rows(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """Append result rows (with `meta` columns first) to a CSV file, writing the header once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = [{**meta, **r} for r in rows]
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(records)
+
+
+# -- vtc flops -----------------------------------------------------------------------------------------
+def cmd_flops(args: argparse.Namespace) -> int:
+    import vtc
+
+    report = vtc.flops(
+        args.model,
+        _specs(args.method) or None,
+        visual_tokens=args.visual_tokens,
+        text_tokens=args.text_tokens,
+        images=args.images,
+        decode_steps=args.decode_steps,
+        formula=args.formula,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    lines = report.table().splitlines()
+    print(f"{args.model}, {args.method or 'dense'}: FLOPs by the '{args.formula}' formula (a multiply-add counts once)")
+    print("\n".join(lines if args.per_layer else lines[-5:]))
+    saved = f"{report.prefill_ratio:.1%} of dense ({report.prefill_saved:.1%} saved)"
+    print(f"prefill FLOPs of the decoder layers: {saved}")
+    return 0
+
+
+# -- vtc bench -----------------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from vtc.bench import format_rows, llava_like, llava_like_sample, prefill_benchmark
+
+    device = _device(args.device)
+    dtype = getattr(torch, args.dtype)
+    model = llava_like(hidden=args.hidden, layers=args.layers, dtype=dtype).to(device)
+    sample = llava_like_sample(model, text_tokens=args.text_tokens)
+    n_tokens = sample["input_ids"].shape[1]
+    print(
+        f"prefill of a LLaVA-1.5-shaped model: hidden {args.hidden}, {args.layers} layers, {n_tokens} tokens "
+        f"(576 visual), {args.dtype} on {device}; median of {args.repeats} round-robin repeats"
+    )
+    rows = prefill_benchmark(model, sample, _specs(args.methods), warmup=args.warmup, repeats=args.repeats)
+    print(format_rows(rows, PREFILL_COLUMNS))
+    print(
+        "oracle: slices the same number of visual tokens at the same layer, with no scoring; "
+        "vtc/oracle = vtc's speedup / the oracle's (1.0 = no overhead)."
+    )
+    if args.out:
+        meta = {**environment(), "hidden": args.hidden, "layers": args.layers, "tokens": n_tokens, "dtype": args.dtype}
+        meta["command"] = " ".join(sys.argv)
+        append_rows(Path(args.out), rows, meta)
+        print(f"rows appended to {args.out}")
+    return 0
+
+
+# -- vtc demo ------------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    import vtc
+    from vtc.adapters import adapter_class_for
+    from vtc.bench import format_rows, llava_like, llava_like_sample, nothing, time_round_robin
+
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    model = llava_like(hidden=args.hidden, layers=args.layers)
+    samples = [llava_like_sample(model, text_tokens=48 + 4 * i, seed=i) for i in range(args.prompts)]
+    batch = adapter_class_for(model).collate(model, samples)  # left-padded: prompts differ in length
+    print(
+        f"vtc demo: a LLaVA-1.5-shaped model built in process (random weights, hidden {args.hidden}, "
+        f"{args.layers} layers, 576 visual tokens per image), {args.prompts} prompts in one padded batch."
+    )
+
+    def answers() -> torch.Tensor:
+        n = args.new_tokens
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return out[:, batch["input_ids"].shape[1] :]
+
+    def prefill() -> None:
+        with torch.no_grad():
+            model(**samples[0], use_cache=True, logits_to_keep=1)
+
+    specs = ["dense", *_specs(args.methods)]
+    dense_answers = answers()
+    results, providers = {}, {}
+    for spec in specs:
+        # The noop preset runs the dense computation bit for bit, and gives the dense token counts.
+        with vtc.apply(model, "dart.noop" if spec == "dense" else spec) as handle:
+            got = dense_answers if spec == "dense" else answers()
+            prefill()
+            results[spec] = (got, handle.stats.flops, handle.stats.visual_per_layer[-1][0])
+        providers[spec] = (prefill, nothing if spec == "dense" else (lambda s=spec: vtc.apply(model, s)))
+    timings = time_round_robin(providers, torch.device("cpu"), warmup=1, repeats=args.repeats)
+    rows = []
+    for spec in specs:
+        got, report, kept = results[spec]
+        rows.append(
+            {
+                "method": spec,
+                "kept": kept,
+                "flops": report.prefill,
+                "ratio": report.prefill_ratio,
+                "ms": timings[spec].median_ms,
+                "speedup": timings["dense"].median_ms / timings[spec].median_ms,
+                "agree1": (got[:, 0] == dense_answers[:, 0]).float().mean().item(),
+                "agree_all": (got == dense_answers).all(dim=1).float().mean().item(),
+            }
+        )
+    columns = [
+        ("method", "method", "s"),
+        ("kept", "visual tokens kept", "d"),
+        ("flops", "prefill FLOPs", ".3g"),
+        ("ratio", "FLOPs vs dense", ".1%"),
+        ("ms", "prefill ms", ".1f"),
+        ("speedup", "speedup", ".2f"),
+        ("agree1", "same 1st token", ".0%"),
+        ("agree_all", f"same {args.new_tokens} tokens", ".0%"),
+    ]
+    print(format_rows(rows, columns))
+    print(
+        "FLOPs: decoder prefill of one prompt by the papers' formula 4nd^2 + 2n^2d + 3ndm per layer. "
+        f"Time: median of {args.repeats} prefills. Agreement: greedy answers equal to the dense model's "
+        "(the weights are random, so this measures fidelity, not accuracy). "
+        f"{time.perf_counter() - started:.0f} s."
+    )
+    return 0
+
+
+# -- vtc list ------------------------------------------------------------------------------------------
+def cmd_list(args: argparse.Namespace) -> int:
+    import vtc
+    from vtc.adapters import ADAPTERS
+    from vtc.method import get_method
+
+    print("methods:")
+    for name in vtc.list_methods():
+        cls = get_method(name)
+        print(f"  {name:<12} presets: {', '.join(f'{name}.{p}' for p in cls.presets)}")
+    print("adapters (model types):")
+    for name in vtc.list_adapters():
+        print(f"  {name:<12} {', '.join(ADAPTERS.get(name).model_types)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vtc", description="Visual-token compression for vision-language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="wrap a built-in model with DART; print FLOPs, prefill time and agreement")
+    p.add_argument("--methods", default="dart.r192,dart.r128,dart.r64", help="comma-separated method specs")
+    p.add_argument("--prompts", type=int, default=6)
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("flops", help="analytic FLOPs of a known model, dense vs compressed")
+    p.add_argument("model", help="a known model (e.g. llava-1.5-7b, qwen2-vl-7b)")
+    p.add_argument("--method", default="", help="comma-separated method specs, e.g. dart.r128")
+    p.add_argument("--visual-tokens", type=int, default=None)
+    p.add_argument("--text-tokens", type=int, default=64)
+    p.add_argument("--images", type=int, default=1)
+    p.add_argument("--decode-steps", type=int, default=0)
+    p.add_argument("--formula", choices=["paper", "gqa"], default="paper")
+    p.add_argument("--per-layer", action="store_true", help="print every decoder layer")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("bench", help="prefill time: dense vs a slicing oracle vs vtc, side by side")
+    p.add_argument("what", choices=["prefill"])
+    p.add_argument("--methods", default="dart.r192,dart.r128,dart.r64")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--text-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--out", default=None, help="append result rows to this CSV file")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("list", help="registered methods, presets and adapters")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vtc.errors import VTCError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (VTCError, ValueError) as exc:  # a user error: say it in one line, no traceback
+        print(f"vtc {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
