@@ -155,6 +155,18 @@ def test_hand_written_decode_loop_without_positions(family):
             assert torch.equal(greedy_loop(model, samples[0], 5), generate(model, samples[0], n=5)[0])
 
 
+def test_beam_search_on_a_padded_batch_equals_rows_alone(family):
+    """Beam search reorders the (per-layer, different-length) caches between steps."""
+    model = tiny(family)
+    inputs, samples = batch_for(model, family, images=[1, 0, 1], batch=3)
+    kwargs = {"max_new_tokens": 4, "min_new_tokens": 4, "num_beams": 3, "do_sample": False}
+    with vtc.apply(model, FixedKeepConfig(layers=(1,))), torch.no_grad():
+        batched = model.generate(**inputs, **kwargs)[:, inputs["input_ids"].shape[1] :]
+        for row, sample in enumerate(samples):
+            alone = model.generate(**sample, **kwargs)[0, sample["input_ids"].shape[1] :]
+            assert torch.equal(batched[row], alone)
+
+
 def test_per_layer_cache_lengths(family):
     model = tiny(family)
     inputs, _ = batch_for(model, family)

@@ -11,8 +11,10 @@ from vtc.adapters import adapter_for
 from vtc.methods.dart import DARTConfig
 
 
-def naive_dart(model, sample: dict, layer: int, per_pivot: int | None, keep: int | None = None) -> list[int]:
-    """The paper's DART on one unpadded row, with Python loops; returns kept patch ordinals.
+def naive_dart(
+    model, sample: dict, layer: int, per_pivot: int | None, keep: int | None = None
+) -> tuple[list[int], list[int]]:
+    """The paper's DART on one unpadded row, with Python loops; returns (kept, image pivot) patch ordinals.
 
     Keys come from the unwrapped model's KV cache and hidden states from ``output_hidden_states``, so
     nothing of vtc's tap or kernels is involved.
@@ -46,7 +48,7 @@ def naive_dart(model, sample: dict, layer: int, per_pivot: int | None, keep: int
         chosen = sorted(pool, key=lambda j: (cos[j], j))[:count]
         kept += chosen
         pool = [j for j in pool if j not in chosen]
-    return sorted(vis.index(i) for i in kept)
+    return sorted(vis.index(i) for i in kept), sorted(vis.index(i) for i in image_pivots)
 
 
 @pytest.mark.parametrize("settings", [{"budget": 64}, {"budget": 128}, {"keep": 50}, {"keep": 9, "layer": 3}], ids=str)
@@ -59,8 +61,9 @@ def test_matches_naive_loop_implementation(family, settings):
         kept = handle.stats.kept_visual()
     per_pivot = config.budget // 8 if config.budget is not None else None
     for row, sample in enumerate(samples):
-        expected = naive_dart(model, sample, config.layer, per_pivot, config.keep)
+        expected, image_pivots = naive_dart(model, sample, config.layer, per_pivot, config.keep)
         assert kept[row].tolist() == expected
+        assert set(image_pivots) <= set(kept[row].tolist())  # every image pivot is kept
 
 
 @pytest.mark.parametrize("budget,kept", [(192, 196), (128, 132), (64, 68), (8, 12)])
