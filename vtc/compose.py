@@ -43,6 +43,11 @@ class Pipeline:
             for layer in m.tap_layers(num_layers):
                 self._taps[layer].append(m)
 
+        prepasses = {m.name: r for m in self.methods if (r := m.prepass_layer(num_layers)) is not None}
+        if len(prepasses) > 1:
+            raise MethodConflictError(f"{' and '.join(prepasses)} each need their own pre-pass; use one of them.")
+        self.prepass_layer: int | None = next(iter(prepasses.values()), None)
+
     @property
     def stage_layers(self) -> list[int]:
         return sorted(self._stages)

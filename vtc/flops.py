@@ -228,6 +228,7 @@ def report(
     images: Sequence[int] = (),
     decode_steps: int = 0,
     formula: Formula = "paper",
+    prepass_rows: Sequence[Sequence[int]] = (),
 ) -> FlopsReport:
     """Build a report from per-row token counts.
 
@@ -238,9 +239,13 @@ def report(
         images: LLM visual tokens of each image in the batch (for the vision tower).
         decode_steps: decode steps to add, one token per row each.
         formula: ``"paper"`` or ``"gqa"``.
+        prepass_rows: per batch row, tokens of a pre-pass through the first layers (added to compressed).
     """
     per_layer = [0.0] * dims.num_layers
     per_layer_dense = [0.0] * dims.num_layers
+    for counts in prepass_rows:  # a pre-pass is extra work of the compressed model (GemFilter)
+        for i, n in enumerate(counts):
+            per_layer[i] += dims.layer_macs(n, n, formula)
     decode = decode_dense = 0.0
     for counts, dense in zip(rows, rows_dense, strict=True):
         compressed_layers, dense_layers = decoder_flops(dims, counts, formula), decoder_flops(dims, dense, formula)
@@ -259,7 +264,8 @@ def report_from_stats(stats: TokenStats, dims: ModelDims, formula: Formula = "pa
     rows = [list(col) for col in zip(*stats.tokens_per_layer, strict=True)]  # [row][layer]
     dense = [[r[0]] * dims.num_layers for r in rows]
     images = list(stats.image_tokens)
-    return report(dims, rows, dense, images, stats.decode_steps, formula)
+    prepass = [list(col) for col in zip(*stats.prepass_tokens_per_layer, strict=True)]
+    return report(dims, rows, dense, images, stats.decode_steps, formula, prepass)
 
 
 def planned_counts(
@@ -311,7 +317,9 @@ def flops(
     bound = _plan_methods(methods)
     counts, dense = planned_counts(dims, bound, visual_tokens, text_tokens)
     per_image = [visual_tokens // images] * images if images else []
-    return report(dims, [counts], [dense], per_image, decode_steps, formula)
+    prepass = [r for m in bound if (r := m.prepass_layer(dims.num_layers)) is not None]
+    prepass_rows = [[dense[0]] * (prepass[0] + 1)] if prepass else []
+    return report(dims, [counts], [dense], per_image, decode_steps, formula, prepass_rows)
 
 
 def _plan_methods(methods: Any) -> list[Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
@@ -73,6 +73,26 @@ class LayerContext:
     adapter: Adapter
 
 
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """What a pruning stage decided.
+
+    Attributes:
+        keep: ``[B, L]`` bool, true for slots to keep. With ``scope="visual"`` only visual slots are
+            read and every other slot is kept.
+        hidden: ``[B, L, d]`` replacement hidden states for the current sequence, applied before the
+            gather (for example merged tokens written into the slot that represents them), or None.
+        scope: ``"visual"`` (the stage prunes visual tokens only) or ``"all"`` (any token may go).
+        positions: ``"original"`` keeps each token's input position for its rotary embedding;
+            ``"fresh"`` renumbers the kept tokens 0..n-1 as if they were the whole input.
+    """
+
+    keep: torch.Tensor
+    hidden: torch.Tensor | None = None
+    scope: Literal["visual", "all"] = "visual"
+    positions: Literal["original", "fresh"] = "original"
+
+
 class Method:
     """Base of every method.
 
@@ -109,9 +129,17 @@ class Method:
         """Decoder layers at whose input this method prunes (0 = the embeddings) in a model of `num_layers`."""
         return ()
 
-    def select(self, ctx: LayerContext) -> torch.Tensor | None:
-        """Return ``[B, L]`` bool, true for visual slots to keep (non-visual slots are always kept), or None."""
+    def select(self, ctx: LayerContext) -> torch.Tensor | Selection | None:
+        """Decide what to keep: ``[B, L]`` bool (true for visual slots to keep), a ``Selection``, or None."""
         raise NotImplementedError
+
+    def prepass_layer(self, num_layers: int) -> int | None:
+        """A layer r: run layers 0..r on the full prefill first (taps active), then the real forward.
+
+        For methods that must look deep into the model before choosing what the whole model sees
+        (GemFilter). The pre-pass writes no KV cache.
+        """
+        return None
 
     def plan(self, visual_per_layer: list[int], text_tokens: int) -> list[int]:
         """Visual tokens entering each layer after this method, for one sequence, without running the model.

@@ -84,6 +84,10 @@ class VisualTokenState:
         keep = self.visual & self.valid
         return [self.index[b][keep[b]].cpu() for b in range(self.batch_size)]
 
+    def kept_tokens(self) -> list[torch.Tensor]:
+        """Per row, the input positions of every token still present (vtc's padding slots excluded)."""
+        return [self.index[b][self.index[b] >= 0].cpu() for b in range(self.batch_size)]
+
 
 @dataclasses.dataclass
 class StageRecord:
@@ -95,6 +99,7 @@ class StageRecord:
         kept_visual: per row, ordinals of the visual tokens kept (patch indices into the image/video grid).
         kept_positions: per row, input positions of the visual tokens kept.
         visual_before: per row, visual tokens present before the stage.
+        kept_tokens: per row, input positions of every token kept (text included), ascending.
     """
 
     method: str
@@ -102,6 +107,7 @@ class StageRecord:
     kept_visual: list[torch.Tensor]
     kept_positions: list[torch.Tensor]
     visual_before: list[int]
+    kept_tokens: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
     @property
     def visual_after(self) -> list[int]:
@@ -122,6 +128,8 @@ class TokenStats:
         decode_steps: forwards after the prefill that reused its cache.
         extra_forwards: forwards a decoding method ran beyond the model's own.
         image_tokens: LLM visual tokens of each image (or video) in the batch, for the vision FLOPs.
+        prepass_tokens_per_layer: ``[layer][row]`` tokens of a method's pre-pass (GemFilter runs layers
+            0..r on the full input before the real forward); empty when none ran.
     """
 
     tokens_per_layer: list[list[int]] = dataclasses.field(default_factory=list)
@@ -132,6 +140,7 @@ class TokenStats:
     decode_steps: int = 0
     extra_forwards: int = 0
     image_tokens: list[int] = dataclasses.field(default_factory=list)
+    prepass_tokens_per_layer: list[list[int]] = dataclasses.field(default_factory=list)
     dims: ModelDims | None = dataclasses.field(default=None, repr=False)
 
     @property

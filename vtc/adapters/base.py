@@ -1,20 +1,10 @@
-"""The adapter base: finds a model's parts, installs vtc's hooks, and compacts token sequences.
+"""The adapter base: finds a model's parts, installs vtc's hooks, and runs pruning stages.
 
-Compaction is the one risky step of visual-token pruning in a Hugging Face model, and it lives here,
-once, for every family. The text backbone computes the attention mask and the rotary position
-embeddings once per forward for its full input; decoder layers are then called one by one. vtc keeps
-the model's own code and rewrites only the arguments of the layers after a pruning stage:
-
-* hidden states are gathered to the kept tokens (rows keeping fewer tokens are left-padded with
-  masked slots, so a batch row computes what it would compute alone);
-* rotary embeddings are gathered from the full-length ones at each kept token's *original* input
-  position, so positions (1-D, or Qwen's M-RoPE rows) are exactly what the unpruned model used;
-* the attention mask is rebuilt with transformers' own mask function for the compacted sequence,
-  sized from that layer's KV cache (layers before a stage cache more tokens than layers after it).
-
-Each pruned prefill leaves a ``_CacheRecord`` keyed on its cache object. Later forwards on that cache
-(decode steps, or several new tokens) rebuild each compacted segment's mask from the record, so stock
-``generate`` and hand-written loops work with any batch size and padding.
+vtc keeps the model's own code. Hooks on the multimodal model, the text backbone and its decoder layers
+see each forward; pruning stages run at the input of their decoder layer during a prefill, and the
+layers after a stage get compacted arguments (see ``vtc.adapters.segments``). Attention taps come from
+a registered wrapper around the model's own attention function, switched on for the text model only,
+so sdpa and flash keep running.
 """
 
 from __future__ import annotations
@@ -29,15 +19,28 @@ import torch
 from torch import nn
 
 from vtc import kernels
-from vtc.method import AttentionCall, LayerContext
+from vtc.adapters.segments import (
+    CacheRecord,
+    Forward,
+    Segment,
+    boundary,
+    fresh_positions,
+    gather_tokens,
+    plan_slots,
+)
+from vtc.method import AttentionCall, LayerContext, Selection
 from vtc.state import StageRecord, TokenStats, VisualTokenState
 
 if TYPE_CHECKING:
     from vtc.compose import Pipeline
     from vtc.flops import ModelDims
 
-# Attention modules whose calls a method taps, mapped to the callback (see ``_vtc_attention``).
+# Attention modules whose calls a method taps, mapped to the callback (see ``_vtc_attention_for``).
 _TAPS: weakref.WeakKeyDictionary[nn.Module, Callable[[AttentionCall], None]] = weakref.WeakKeyDictionary()
+
+
+class _PrepassDone(Exception):  # noqa: N818  (control flow, not an error)
+    """Raised after the pre-pass's last layer to stop the backbone (caught by the adapter)."""
 
 
 def _vtc_attention_for(original: str) -> Callable[..., Any]:
@@ -82,72 +85,6 @@ def _register_attention(original: str) -> str:
     return name
 
 
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[..., b, index[b], :]`` for ``x`` of shape ``[..., B or 1, L, d]`` and ``index`` ``[B, L']``."""
-    batch, width = index.shape
-    x = x.expand(*x.shape[:-3], batch, *x.shape[-2:])
-    idx = index.clamp(min=0)[..., None].expand(batch, width, x.shape[-1])  # [B, L', d]
-    return x.gather(-2, idx.expand(*x.shape[:-3], batch, width, x.shape[-1]))
-
-
-def plan_slots(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots of the compacted sequence: kept positions in order, rows left-padded to one length.
-
-    Args:
-        keep: ``[B, L]`` true for slots to keep.
-
-    Returns:
-        ``slots [B, L']`` indices into the current sequence and ``filled [B, L']`` (false for padding),
-        with ``L'`` the largest kept count. Padding goes on the left so the last slot stays the last token.
-    """
-    length = keep.shape[1]
-    width = int(keep.sum(dim=1).max().item())
-    pos = torch.arange(length, device=keep.device)
-    ordered = torch.where(keep, pos, -1).sort(dim=1).values  # dropped (-1) first, then kept ascending
-    slots = ordered[:, length - width :]
-    return slots, slots >= 0
-
-
-@dataclasses.dataclass
-class _Segment:
-    """A run of decoder layers that all see (and cache) the same token set.
-
-    Attributes:
-        start: the first decoder layer of the run.
-        state: the tokens those layers see, relative to the prefill's input (None: not known).
-        compacted: the layers see fewer tokens than the input, so vtc rewrites their arguments.
-        position_embeddings: ``(cos, sin)`` gathered for those tokens (prefill only).
-        masks: layer type -> attention mask for the current forward.
-    """
-
-    start: int
-    state: VisualTokenState | None
-    compacted: bool = False
-    position_embeddings: tuple[torch.Tensor, ...] | None = None
-    masks: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class _CacheRecord:
-    """What a pruned prefill left in a KV cache: the prompt length and the compacted segments."""
-
-    prompt_len: int
-    segments: list[_Segment]
-
-
-@dataclasses.dataclass
-class _Forward:
-    """Bookkeeping of the text-backbone forward in progress."""
-
-    prefill: bool
-    state: VisualTokenState | None
-    cache: Any
-    segments: list[_Segment]
-    user_mask: torch.Tensor | None = None
-    prompt_len: int = 0
-    boundaries: list[tuple[int, list[int], list[int], int]] = dataclasses.field(default_factory=list)
-
-
 class Adapter:
     """Base of the per-family adapters.
 
@@ -179,9 +116,10 @@ class Adapter:
         self._pipeline: Pipeline | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._original_attn: str | None = None
-        self._records: weakref.WeakKeyDictionary[Any, _CacheRecord] = weakref.WeakKeyDictionary()
+        self._records: weakref.WeakKeyDictionary[Any, CacheRecord] = weakref.WeakKeyDictionary()
         self._pending_visual: torch.Tensor | None = None
-        self._fwd: _Forward | None = None
+        self._fwd: Forward | None = None
+        self._in_prepass = False
 
     # -- family-specific --------------------------------------------------------------------------
     def _find_parts(self) -> None:
@@ -287,6 +225,8 @@ class Adapter:
         self._pending_visual = self.visual_mask(input_ids, kwargs.get("inputs_embeds"))
 
     def _on_text_start(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self._in_prepass:
+            return args, kwargs
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             raise ValueError(
@@ -318,40 +258,46 @@ class Adapter:
                 kwargs["past_key_values"] = cache
             valid = user_mask.bool() if user_mask is not None else torch.ones_like(visual)
             state = VisualTokenState.initial(visual, valid)
-            self._fwd = _Forward(True, state, cache, [_Segment(0, state)], prompt_len=length)
-            self._fwd.boundaries.append(self._boundary(0, state))
+            self._fwd = Forward(True, state, cache, [Segment(0, state)], prompt_len=length)
+            self._fwd.boundaries.append(boundary(0, state))
             self.stats = TokenStats(dims=self.stats.dims)
             self.stats.image_tokens = self.image_token_counts(visual)
             self._pipeline.on_forward_start()
+            if self._pipeline.prepass_layer is not None:
+                self._run_prepass(kwargs, self._pipeline.prepass_layer)
         else:
             record = self._records.get(cache) if cache is not None else None
-            segments = record.segments if record is not None else [_Segment(0, None)]
-            prompt_len = record.prompt_len if record is not None else 0
-            self._fwd = _Forward(False, None, cache, segments, user_mask=user_mask, prompt_len=prompt_len)
+            segments = record.segments if record is not None else [Segment(0, None)]
             for seg in segments:
-                seg.masks = {}
+                seg.reset_forward()
+            positions = kwargs.get("position_ids")
+            if positions is None:  # what the backbone will use: positions after the cached ones
+                positions = (torch.arange(length, device=embeds.device) + past).expand(batch, length)
+            self._fwd = Forward(False, None, cache, segments, user_mask, positions, record.prompt_len if record else 0)
             self.stats.decode_steps += 1
         return args, kwargs
 
     def _on_text_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._in_prepass:
+            return
         fwd, self._fwd = self._fwd, None
         if fwd is None or not fwd.prefill:
             return
         if fwd.cache is not None and any(seg.compacted for seg in fwd.segments):
             for seg in fwd.segments:
-                seg.position_embeddings, seg.masks = None, {}
-            self._records[fwd.cache] = _CacheRecord(fwd.prompt_len, fwd.segments)
+                seg.reset_forward()
+            self._records[fwd.cache] = CacheRecord(fwd.prompt_len, fwd.segments)
         self._fill_layer_stats(fwd)
 
     def _layer_hook(self, i: int) -> Callable[..., tuple[tuple, dict]]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             fwd = self._fwd
-            if fwd is None:
+            if fwd is None or self._in_prepass:
                 return args, kwargs
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if fwd.prefill:
                 hidden = self._run_stages(i, hidden, kwargs, fwd)
-            seg = self._segment_at(fwd.segments, i)
+            seg = fwd.segment_at(i)
             if seg.compacted:
                 self._segment_kwargs(seg, i, hidden, kwargs, fwd)
             return (hidden, *args[1:]), kwargs
@@ -362,37 +308,85 @@ class Adapter:
         if self._fwd is not None and self._fwd.prefill:
             self._pipeline.on_attention(dataclasses.replace(call, state=self._fwd.state))
 
+    def _run_prepass(self, kwargs: dict, last: int) -> None:
+        """Run decoder layers 0..`last` on the full prefill, without cache, so taps see them first."""
+
+        def stop(module: nn.Module, args: tuple, output: Any) -> None:
+            raise _PrepassDone
+
+        handle = self.layers[last].register_forward_hook(stop)
+        self._in_prepass = True
+        try:
+            self.text_model(**{**kwargs, "past_key_values": None, "use_cache": False})
+        except _PrepassDone:
+            pass
+        finally:
+            self._in_prepass = False
+            handle.remove()
+        counts = self._fwd.state.num_tokens().tolist()
+        self.stats.prepass_tokens_per_layer = [counts] * (last + 1)
+
     # -- compaction -------------------------------------------------------------------------------
-    def _run_stages(self, i: int, hidden: torch.Tensor, kwargs: dict, fwd: _Forward) -> torch.Tensor:
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Rotary ``(cos, sin)`` of the text model for ``[B, L]`` positions (or the family's own layout)."""
+        return self.text_model.rotary_emb(hidden, positions)
+
+    def _run_stages(self, i: int, hidden: torch.Tensor, kwargs: dict, fwd: Forward) -> torch.Tensor:
         """Run the pruning stages at layer `i` and compact `hidden` to what they keep."""
         for method in self._pipeline.stages_at(i):
             state = fwd.state
             with kernels.record() as backends:
-                keep = method.select(LayerContext(i, hidden, state, self))
+                sel = method.select(LayerContext(i, hidden, state, self))
             self.stats.backends.update(backends)
-            if keep is None:
+            if sel is None:
                 continue
+            if not isinstance(sel, Selection):
+                sel = Selection(sel)
+            if sel.hidden is not None:
+                hidden = sel.hidden
             present = state.index >= 0
-            keep = (keep | ~state.visual) & present  # only visual tokens (and vtc's own slots) can go
+            keep = sel.keep & present
+            if sel.scope == "visual":  # only visual tokens (and vtc's own padding slots) can go
+                keep |= ~state.visual & present
             visual_before = state.num_visual().tolist()
             if bool((keep != present).any()):
-                slots, filled = plan_slots(keep)
-                hidden = gather_tokens(hidden, slots) * filled[..., None].to(hidden.dtype)
-                state = fwd.state = state.gather(slots, filled)
-                # Rotary embeddings come from the full-length ones at each token's original position.
-                cos_sin = tuple(gather_tokens(t, state.index) for t in kwargs["position_embeddings"])
-                fwd.segments = [s for s in fwd.segments if s.start < i] + [_Segment(i, state, True, cos_sin)]
-                fwd.boundaries.append(self._boundary(i, state))
+                hidden, state = self._compact(i, hidden, keep, sel.positions, kwargs, fwd)
             self.stats.stages.append(
-                StageRecord(method.name, i, state.kept_visual(), state.kept_positions(), visual_before)
+                StageRecord(
+                    method.name, i, state.kept_visual(), state.kept_positions(), visual_before, state.kept_tokens()
+                )
             )
         return hidden
 
-    def _segment_kwargs(self, seg: _Segment, i: int, hidden: torch.Tensor, kwargs: dict, fwd: _Forward) -> None:
+    def _compact(
+        self, i: int, hidden: torch.Tensor, keep: torch.Tensor, positions: str, kwargs: dict, fwd: Forward
+    ) -> tuple[torch.Tensor, VisualTokenState]:
+        """Gather the kept slots; start a new segment at layer `i` with its rotary embeddings."""
+        slots, filled = plan_slots(keep)
+        hidden = gather_tokens(hidden, slots) * filled[..., None].to(hidden.dtype)
+        state = fwd.state = fwd.state.gather(slots, filled)
+        current = fwd.segment_at(i)
+        seg = Segment(i, state, compacted=True)
+        if positions == "fresh":
+            seg.cos_sin = self.rotary(hidden, fresh_positions(state.valid))
+            seg.next_fresh = state.valid.sum(dim=1)
+        else:
+            # Chained from the tokens' current embeddings: original positions stay original, and tokens
+            # an earlier stage renumbered keep their new numbers.
+            source = current.cos_sin if current.compacted else kwargs["position_embeddings"]
+            seg.cos_sin = tuple(gather_tokens(t, slots) for t in source)
+            seg.next_fresh = current.next_fresh
+        fwd.segments = [s for s in fwd.segments if s.start < i] + [seg]
+        fwd.boundaries.append(boundary(i, state))
+        return hidden, state
+
+    def _segment_kwargs(self, seg: Segment, i: int, hidden: torch.Tensor, kwargs: dict, fwd: Forward) -> None:
         """Replace layer `i`'s mask, rotary embeddings and position ids with the segment's."""
-        if fwd.prefill:
-            kwargs["position_embeddings"] = seg.position_embeddings
-        # Original positions have gaps; position ids would read as packed sequences to flash attention,
+        if not fwd.prefill and seg.next_fresh is not None and seg.cos_sin is None:
+            seg.cos_sin = self._renumbered_cos_sin(seg, hidden, fwd.positions)
+        if seg.cos_sin is not None:
+            kwargs["position_embeddings"] = seg.cos_sin
+        # Kept positions have gaps; position ids would read as packed sequences to flash attention,
         # and no layer needs them once the rotary embeddings are set.
         if "position_ids" in kwargs:
             kwargs["position_ids"] = None
@@ -401,7 +395,13 @@ class Adapter:
             seg.masks[kind] = self._segment_mask(seg, i, kind, hidden, fwd)
         kwargs["attention_mask"] = seg.masks[kind]
 
-    def _segment_mask(self, seg: _Segment, i: int, kind: str, hidden: torch.Tensor, fwd: _Forward) -> Any:
+    def _renumbered_cos_sin(self, seg: Segment, hidden: torch.Tensor, positions: torch.Tensor) -> tuple:
+        """Rotary embeddings of new tokens in a renumbered segment: the caller's positions, shifted."""
+        if seg.shift is None:  # the first forward after the prefill fixes the offset per row
+            seg.shift = positions[..., :1] - seg.next_fresh[:, None]
+        return self.rotary(hidden, positions - seg.shift)
+
+    def _segment_mask(self, seg: Segment, i: int, kind: str, hidden: torch.Tensor, fwd: Forward) -> Any:
         """Build the mask of compacted layer `i` (before its cache update) with transformers' mask functions."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
@@ -431,10 +431,6 @@ class Adapter:
             layer_idx=i if fwd.cache is not None else None,
         )
 
-    @staticmethod
-    def _segment_at(segments: list[_Segment], i: int) -> _Segment:
-        return [s for s in segments if s.start <= i][-1]
-
     def _check_cache(self, cache: Any) -> None:
         if cache is None or not self._pipeline.stage_layers:
             return
@@ -452,11 +448,7 @@ class Adapter:
             )
 
     # -- stats ------------------------------------------------------------------------------------
-    @staticmethod
-    def _boundary(layer: int, state: VisualTokenState) -> tuple[int, list[int], list[int], int]:
-        return layer, state.num_tokens().tolist(), state.num_visual().tolist(), state.length
-
-    def _fill_layer_stats(self, fwd: _Forward) -> None:
+    def _fill_layer_stats(self, fwd: Forward) -> None:
         tokens, visual, lengths = [], [], []
         bounds = fwd.boundaries
         for i in range(self.num_layers):

@@ -64,6 +64,14 @@ class Qwen2VLAdapter(Adapter):
     def dims(self) -> ModelDims:
         return self._text_dims(self._vision_dims())
 
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """M-RoPE embeddings; 1-D positions (a renumbered sequence) number all three rows alike."""
+        if positions.dim() == 2:
+            positions = positions[None].expand(3, *positions.shape)  # [B, L] -> [3, B, L]
+        elif positions.shape[0] == 4:  # generate's form: a text row, then temporal / height / width
+            positions = positions[1:]
+        return self.text_model.rotary_emb(hidden, positions)
+
     # -- tiny models ------------------------------------------------------------------------------
     GRID, PATCH, TEMPORAL = 32, 8, 2  # 32 x 32 patches, merged 2 x 2: 256 visual tokens per image
     IMAGE_TOKEN, VIDEO_TOKEN, START, END = 120, 121, 122, 123

@@ -1,6 +1,7 @@
 """The built-in methods. One file per method; each registers itself on import."""
 
-from vtc.methods import dart  # noqa: F401  (registration)
+from vtc.methods import dart, gemfilter  # noqa: F401  (registration)
 from vtc.methods.dart import DART, DARTConfig
+from vtc.methods.gemfilter import GemFilter, GemFilterConfig
 
-__all__ = ["DART", "DARTConfig"]
+__all__ = ["DART", "DARTConfig", "GemFilter", "GemFilterConfig"]

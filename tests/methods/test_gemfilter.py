@@ -1,0 +1,153 @@
+"""GemFilter: the second pass is the model run on the selected tokens, and the scores are the paper's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import batch_for, forward_inputs, generate, tiny
+
+import vtc
+from vtc.adapters import ADAPTERS, adapter_for
+from vtc.method import AttentionCall
+from vtc.methods.gemfilter import GemFilter, GemFilterConfig
+from vtc.state import VisualTokenState
+
+
+def text_inputs(model, sample: dict) -> torch.Tensor:
+    """The merged input embeddings the text backbone receives for `sample` (image features included)."""
+    seen = {}
+
+    def grab(module, args, kwargs) -> None:
+        seen["embeds"] = kwargs["inputs_embeds"]
+
+    hook = adapter_for(model).text_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**sample)
+    finally:
+        hook.remove()
+    return seen["embeds"]
+
+
+def run_directly(model, embeds: torch.Tensor, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unwrapped text model on `embeds` alone (positions 0..n-1), greedy: (first logits, tokens).
+
+    EOS is suppressed, as ``generate(min_new_tokens=n)`` does.
+    """
+    adapter = adapter_for(model)
+    lm, head = adapter.text_model, adapter.lm_head
+    eos = model.generation_config.eos_token_id
+    length = embeds.shape[1]
+
+    def greedy(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = head(hidden[:, -1])
+        return logits, logits.index_fill(-1, torch.tensor([eos]), float("-inf")).argmax(-1)
+
+    with torch.no_grad():
+        out = lm(inputs_embeds=embeds, position_ids=torch.arange(length)[None], use_cache=True)
+        first, token = greedy(out.last_hidden_state)
+        tokens, cache = [token], out.past_key_values
+        for t in range(n_new - 1):
+            step = lm.embed_tokens(tokens[-1])[:, None]
+            out = lm(inputs_embeds=step, position_ids=torch.tensor([[length + t]]), past_key_values=cache)
+            tokens.append(greedy(out.last_hidden_state)[1])
+    return first[0], torch.stack(tokens, dim=1)[0]
+
+
+@pytest.mark.parametrize("scope", ["all", "visual"])
+def test_second_pass_equals_the_model_on_the_selected_tokens(family, scope):
+    model = tiny(family)
+    _, samples = batch_for(model, family, batch=2)
+    for sample in samples:
+        embeds = text_inputs(model, sample)
+        with vtc.apply(model, "gemfilter", keep=40, scope=scope) as handle, torch.no_grad():
+            logits = model(**sample).logits[0, -1]
+            kept = handle.stats.stages[0].kept_tokens[0]
+            tokens = generate(model, sample, n=5)[0]
+        expected_logits, expected_tokens = run_directly(model, embeds[:, kept], n_new=5)
+        torch.testing.assert_close(logits, expected_logits, atol=2e-5, rtol=2e-5)
+        assert torch.equal(tokens, expected_tokens)
+        n_visual = int(adapter_for(model).visual_mask(sample["input_ids"], None).sum())
+        assert len(kept) == sample["input_ids"].shape[1] - (n_visual - 40)
+
+
+def test_scope_visual_keeps_all_text_and_scope_all_keeps_the_last_token(family):
+    model = tiny(family)
+    inputs, samples = batch_for(model, family)
+    adapter = adapter_for(model)
+    for scope in ("visual", "all"):
+        with vtc.apply(model, "gemfilter", keep=16, scope=scope) as handle, torch.no_grad():
+            model(**forward_inputs(family, inputs))
+        for row, sample in enumerate(samples):
+            pad = inputs["input_ids"].shape[1] - sample["input_ids"].shape[1]
+            kept = handle.stats.stages[0].kept_tokens[row] - pad
+            kept = kept[kept >= 0]
+            text = (~adapter.visual_mask(sample["input_ids"], None)[0]).nonzero().flatten()
+            assert kept[-1] == sample["input_ids"].shape[1] - 1
+            if scope == "visual":
+                assert torch.isin(text, kept).all()
+
+
+def naive_scores(query: torch.Tensor, key: torch.Tensor, kernel: int) -> torch.Tensor:
+    """The official scoring, literally: keys repeated per query head, raw logits summed, zero-padded pool."""
+    heads, kv_heads = query.shape[1], key.shape[1]
+    key = key.repeat_interleave(heads // kv_heads, dim=1)
+    raw = (query[:, :, -1:] @ key.transpose(-1, -2))[:, :, 0].sum(dim=1)  # [B, L]
+    out = torch.zeros_like(raw)
+    for i in range(raw.shape[1]):
+        window = [raw[:, j] if 0 <= j < raw.shape[1] else torch.zeros(raw.shape[0]) for j in range(i - 2, i + 3)]
+        out[:, i] = sum(window) / kernel
+    return out
+
+
+def test_scores_are_the_papers_raw_logits_summed_and_pooled():
+    g = torch.Generator().manual_seed(0)
+    query, key = torch.randn(2, 6, 11, 8, generator=g), torch.randn(2, 3, 11, 8, generator=g)
+    visual = torch.zeros(2, 11, dtype=torch.bool)
+    state = VisualTokenState.initial(visual, torch.ones_like(visual))
+    method = GemFilter(GemFilterConfig(layer=1))
+    method.on_attention(AttentionCall(1, query, key, key, None, 8**-0.5, state))
+    torch.testing.assert_close(method._scores, naive_scores(query, key, 5), atol=1e-5, rtol=1e-5)
+
+
+def test_selection_depends_only_on_layers_up_to_r():
+    cls = ADAPTERS.get("llava")
+    a, b = cls.tiny_model(seed=0), cls.tiny_model(seed=0)
+    with torch.no_grad():
+        for p in b.model.language_model.layers[3].parameters():  # r = 2 for 4 layers: layer 3 is after it
+            p.add_(torch.randn_like(p))
+    sample = cls.make_samples(a, batch=1)[0]
+    kept = []
+    for model in (a, b):
+        with vtc.apply(model, "gemfilter", keep=16, layer=2) as handle, torch.no_grad():
+            out = model(**sample).logits
+            kept.append(handle.stats.stages[0].kept_tokens[0])
+            logits = out
+    assert torch.equal(kept[0], kept[1])
+    assert not torch.equal(logits, a(**sample).logits)  # layer 3 did change the output
+
+
+def test_prepass_writes_no_cache_and_counts_in_flops(family):
+    model = tiny(family)
+    inputs, _ = batch_for(model, family, batch=1)
+    with vtc.apply(model, "gemfilter.r64") as handle, torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+        stats = handle.stats
+    full, kept = inputs["input_ids"].shape[1], stats.tokens_per_layer[0][0]
+    assert kept == full - (256 - 64)
+    assert [cache.layers[i].keys.shape[-2] for i in range(len(cache.layers))] == [kept] * 4
+    assert stats.prepass_tokens_per_layer == [[full]] * 3  # layers 0..2 (r = 2 of 4) ran on everything
+    dims = handle.adapter.dims()
+    expected = 4 * dims.layer_macs(kept, kept) + 3 * dims.layer_macs(full, full)
+    assert stats.flops.prefill == expected
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="odd"):
+        GemFilterConfig(pool_kernel=4)
+    with pytest.raises(ValueError, match="scope"):
+        GemFilterConfig(scope="text")
+    with pytest.raises(ValueError, match="only one of keep, keep_ratio"):
+        GemFilterConfig(keep=3, keep_ratio=0.5)
+    with pytest.raises(ValueError, match=r"use 0\.\.3"):
+        vtc.wrap(tiny("llava"), "gemfilter", layer=7)

@@ -1,0 +1,161 @@
+"""GemFilter: early-layer filtering (Shi et al., arXiv 2409.17422), adapted to vision-language models.
+
+The paper's observation is that a model's early layers already find the tokens that matter: run
+layers 0..r on the whole prompt, score every token by the last token's query at layer r, keep the top
+k, and run the full model on only those tokens, renumbered from 0. The scores are raw query-key logits
+summed over heads and smoothed by a width-5 average pool, as in the official code; no attention matrix
+and no softmax are needed, so the model keeps its sdpa / flash kernel.
+
+In vtc the first pass is a pre-pass through the model's own layers (no KV cache written), and the
+second is the model's normal forward on the kept tokens, so stock ``generate`` works and decode steps
+continue the renumbered positions. See docs/METHODS.md for what vtc changes for VLMs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from vtc import kernels
+from vtc.config import MethodConfig, check_fraction, check_int
+from vtc.method import AttentionCall, HookPoint, LayerContext, Method, Selection, register_method, resolve_layer
+
+# The paper filters at layer 13 of LLaMA-3.1-8B's 32; without a layer, vtc takes the same depth fraction.
+PAPER_DEPTH = 13 / 32
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GemFilterConfig(MethodConfig):
+    """Settings of GemFilter. ``keep`` or ``keep_ratio`` set how many tokens stay (default keep 128).
+
+    Attributes:
+        layer: filter layer r (its last-token query scores the prompt); None = 13/32 of the depth.
+        keep: visual tokens' worth kept per row: a row with Nv visual tokens drops ``Nv - keep`` tokens.
+        keep_ratio: the same as a fraction of each row's visual tokens.
+        scope: ``"all"`` (the paper: the dropped tokens are the lowest-scored of the whole prompt, the last
+            token excepted) or ``"visual"`` (only visual tokens compete; text is kept).
+        positions: ``"fresh"`` (the paper: the kept tokens are renumbered 0..n-1) or ``"original"``.
+        pool_kernel: width of the average pool over scores (odd).
+    """
+
+    exclusive = (("keep", "keep_ratio"),)
+
+    layer: int | None = None
+    keep: int | None = None
+    keep_ratio: float | None = None
+    scope: Literal["all", "visual"] = "all"
+    positions: Literal["fresh", "original"] = "fresh"
+    pool_kernel: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.keep is not None and self.keep_ratio is not None:
+            raise ValueError("gemfilter: set only one of keep, keep_ratio.")
+        if self.keep is None and self.keep_ratio is None:
+            object.__setattr__(self, "keep", 128)
+        check_int("gemfilter", "layer", self.layer, -10_000, optional=True)
+        check_int("gemfilter", "keep", self.keep, 0, optional=True)
+        check_fraction("gemfilter", "keep_ratio", self.keep_ratio, optional=True)
+        check_int("gemfilter", "pool_kernel", self.pool_kernel, 1)
+        if self.pool_kernel % 2 == 0:
+            raise ValueError(f"gemfilter: pool_kernel must be odd so scores stay centred; got {self.pool_kernel}.")
+        if self.scope not in ("all", "visual"):
+            raise ValueError(f"gemfilter: scope must be 'all' or 'visual'; got {self.scope!r}.")
+        if self.positions not in ("fresh", "original"):
+            raise ValueError(f"gemfilter: positions must be 'fresh' or 'original'; got {self.positions!r}.")
+
+
+@register_method
+class GemFilter(Method):
+    """GemFilter as a pre-pass to layer r and a stage at the embeddings (EMBEDS) of the real forward."""
+
+    name = "gemfilter"
+    config_cls = GemFilterConfig
+    # Both passes run inside the prefill, so generate (and any decoding method) works unchanged.
+    hooks = frozenset({HookPoint.EMBEDS, HookPoint.ATTENTION})
+    requires = frozenset({"attn_tap"})
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "r192": {"keep": 192},
+        "r128": {"keep": 128},
+        "r64": {"keep": 64},
+        "noop": {"keep_ratio": 1.0},
+    }
+
+    config: GemFilterConfig
+
+    def __init__(self, config: GemFilterConfig) -> None:
+        super().__init__(config)
+        self._scores: torch.Tensor | None = None
+
+    def bind(self, adapter) -> None:
+        super().bind(adapter)
+        self.filter_layer(adapter.num_layers)  # validates the layer against this model
+
+    def filter_layer(self, num_layers: int) -> int:
+        layer = self.config.layer if self.config.layer is not None else round(PAPER_DEPTH * num_layers)
+        return resolve_layer("gemfilter", "layer", layer, num_layers)
+
+    @property
+    def _keeps_everything(self) -> bool:
+        """keep_ratio 1.0 can never drop a token: skip the pre-pass instead of paying for it."""
+        return self.config.keep_ratio == 1.0
+
+    def prune_layers(self, num_layers: int) -> tuple[int, ...]:
+        return () if self._keeps_everything else (0,)
+
+    def tap_layers(self, num_layers: int) -> tuple[int, ...]:
+        return () if self._keeps_everything else (self.filter_layer(num_layers),)
+
+    def prepass_layer(self, num_layers: int) -> int | None:
+        return None if self._keeps_everything else self.filter_layer(num_layers)
+
+    def on_forward_start(self) -> None:
+        self._scores = None
+
+    def on_attention(self, call: AttentionCall) -> None:
+        # Raw logits of the last token's query against every key, summed over query heads (GQA-aware:
+        # each group of query heads meets its shared key head, which is what repeating the keys gives).
+        batch, kv_heads, length, dim = call.key.shape
+        q_last = call.query[:, :, -1].float().view(batch, kv_heads, -1, dim)  # [B, Hkv, group, D]
+        logits = torch.einsum("bhgd,bhld->bl", q_last, call.key[:, :, -length:].float())  # [B, L]
+        valid = call.state.valid
+        # Padding scores 0, like the zero padding a row alone gets at its start: rows stay independent.
+        logits = logits.masked_fill(~valid, 0.0)
+        k = self.config.pool_kernel
+        pooled = torch.nn.functional.avg_pool1d(logits[:, None], k, stride=1, padding=k // 2, count_include_pad=True)
+        self._scores = pooled[:, 0]
+
+    def _targets(self, n_visual: torch.Tensor) -> torch.Tensor:
+        """``[B]`` visual tokens' worth to keep, capped at the visual tokens present."""
+        c = self.config
+        if c.keep is not None:
+            return torch.clamp(n_visual, max=c.keep)
+        return torch.floor(n_visual.double() * c.keep_ratio).long()
+
+    def plan(self, visual_per_layer: list[int], text_tokens: int) -> list[int]:
+        kept = int(self._targets(torch.tensor([visual_per_layer[0]]))[0])
+        return [kept] * len(visual_per_layer)  # scope "all" drops as many tokens, from anywhere
+
+    def select(self, ctx: LayerContext) -> Selection:
+        state = ctx.state
+        if self._scores is None or self._scores.shape != state.index.shape:
+            raise RuntimeError("gemfilter: the pre-pass did not report layer r's attention in this forward.")
+        visual = state.visual & state.valid
+        n_visual = visual.sum(dim=1)
+        drop = n_visual - self._targets(n_visual)  # [B]
+        scores = self._scores
+        if self.config.scope == "visual":
+            candidates, k = visual, n_visual - drop
+        else:
+            candidates = state.valid
+            k = state.valid.sum(dim=1) - drop
+            last = torch.zeros_like(candidates)
+            last[:, -1] = True  # the prompt's last token predicts the next one: it always stays
+            scores = scores.masked_fill(last, float("inf"))
+        picks = kernels.topk_gather(scores, k, valid=candidates)
+        keep = torch.zeros_like(candidates).scatter(1, picks.indices, picks.mask)
+        if self.config.scope == "all":
+            keep |= ~state.valid  # padding stays padding
+        return Selection(keep, scope=self.config.scope, positions=self.config.positions)
