@@ -27,20 +27,23 @@ class VisualTokenState:
         valid: ``[B, L]`` the slot takes part in attention (the user's attention mask, and not a vtc slot).
         ordinal: ``[B, L]`` for visual slots, the index of the token among its row's visual tokens in the
             input (the patch order, for plots); ``-1`` elsewhere.
+        coords: ``[B, L, 4]`` for visual slots, (image within the row, frame, grid row, grid column);
+            ``-1`` elsewhere. None when the adapter cannot tell.
     """
 
     index: torch.Tensor
     visual: torch.Tensor
     valid: torch.Tensor
     ordinal: torch.Tensor
+    coords: torch.Tensor | None = None
 
     @classmethod
-    def initial(cls, visual: torch.Tensor, valid: torch.Tensor) -> VisualTokenState:
+    def initial(cls, visual: torch.Tensor, valid: torch.Tensor, coords: torch.Tensor | None = None) -> VisualTokenState:
         """The state of an unpruned input: slot i holds input position i."""
         batch, length = visual.shape
         index = torch.arange(length, device=visual.device).expand(batch, length)
         ordinal = torch.where(visual, visual.long().cumsum(dim=1) - 1, -1)
-        return cls(index=index, visual=visual, valid=valid & torch.ones_like(visual), ordinal=ordinal)
+        return cls(index=index, visual=visual, valid=valid & torch.ones_like(visual), ordinal=ordinal, coords=coords)
 
     @property
     def batch_size(self) -> int:
@@ -67,11 +70,16 @@ class VisualTokenState:
         """
         safe = slots.clamp(min=0)
         pick = lambda t: t.gather(1, safe)  # noqa: E731  [B, L] -> [B, L']
+        coords = None
+        if self.coords is not None:  # [B, L, 4] -> [B, L', 4]
+            coords = self.coords.gather(1, safe[..., None].expand(*safe.shape, 4))
+            coords = torch.where(filled[..., None], coords, -1)
         return VisualTokenState(
             index=torch.where(filled, pick(self.index), -1),
             visual=pick(self.visual) & filled,
             valid=pick(self.valid) & filled,
             ordinal=torch.where(filled, pick(self.ordinal), -1),
+            coords=coords,
         )
 
     def kept_visual(self) -> list[torch.Tensor]:

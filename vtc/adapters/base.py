@@ -149,6 +149,16 @@ class Adapter:
     def attention_module(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn
 
+    def visual_coords(self, visual: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+        """``[B, L, 4]`` (image, frame, row, column) of each visual token of a prefill; -1 elsewhere.
+
+        Args:
+            visual: ``[B, L]`` visual placeholders of the text backbone's input.
+            kwargs: the text backbone's keyword arguments (position ids, for families that encode the
+                grid there).
+        """
+        return None
+
     def _text_dims(self, vision: Any = None) -> ModelDims:
         """The decoder's shapes from the (standard) text config fields."""
         from vtc.flops import ModelDims
@@ -257,7 +267,7 @@ class Adapter:
                 cache = DynamicCache(config=self.text_config)
                 kwargs["past_key_values"] = cache
             valid = user_mask.bool() if user_mask is not None else torch.ones_like(visual)
-            state = VisualTokenState.initial(visual, valid)
+            state = VisualTokenState.initial(visual, valid, self.visual_coords(visual, kwargs))
             self._fwd = Forward(True, state, cache, [Segment(0, state)], prompt_len=length)
             self._fwd.boundaries.append(boundary(0, state))
             self.stats = TokenStats(dims=self.stats.dims)

@@ -38,6 +38,19 @@ class LlavaAdapter(Adapter):
     def visual_token_ids(self) -> tuple[int, ...]:
         return (self.model.config.image_token_id,)
 
+    def visual_coords(self, visual: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Images in order of appearance, each a g x g grid of patches in raster order (CLS dropped)."""
+        v = self.model.config.vision_config
+        side = v.image_size // v.patch_size
+        full = self.model.config.vision_feature_select_strategy == "full"
+        per_image = side * side + (1 if full else 0)
+        ordinal = visual.long().cumsum(dim=1) - 1  # [B, L]
+        image, within = ordinal // per_image, ordinal % per_image
+        patch = within - (1 if full else 0)  # "full" keeps CLS first: it has no grid cell
+        coords = torch.stack([image, torch.zeros_like(image), patch // side, patch % side], dim=-1)
+        on_grid = visual & (patch >= 0)
+        return torch.where(on_grid[..., None], coords, -1)
+
     def dims(self) -> ModelDims:
         v = self.model.config.vision_config
         patches = (v.image_size // v.patch_size) ** 2

@@ -64,6 +64,23 @@ class Qwen2VLAdapter(Adapter):
     def dims(self) -> ModelDims:
         return self._text_dims(self._vision_dims())
 
+    def visual_coords(self, visual: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+        """From the M-RoPE rows: each contiguous visual run is one image or video; (t, h, w) are its
+        temporal / height / width positions relative to the run's first token."""
+        positions = kwargs.get("position_ids")
+        if positions is None or positions.dim() != 3:
+            return None
+        rope = positions[-3:].long()  # [3, B, L]: temporal, height, width (generate adds a text row first)
+        starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]  # first token of each run
+        image = starts.long().cumsum(dim=1) - 1  # [B, L]
+        coords = [image]
+        for row in rope:
+            # The run's start value, carried forward along the row by a running max over start positions.
+            start_idx = torch.where(starts, torch.arange(visual.shape[1], device=visual.device), 0).cummax(dim=1).values
+            coords.append(row - row.gather(1, start_idx))
+        coords = torch.stack(coords, dim=-1)  # [B, L, 4]
+        return torch.where(visual[..., None], coords, -1)
+
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """M-RoPE embeddings; 1-D positions (a renumbered sequence) number all three rows alike."""
         if positions.dim() == 2:
