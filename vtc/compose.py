@@ -47,6 +47,8 @@ class Pipeline:
         if len(prepasses) > 1:
             raise MethodConflictError(f"{' and '.join(prepasses)} each need their own pre-pass; use one of them.")
         self.prepass_layer: int | None = next(iter(prepasses.values()), None)
+        trims = [r for m in self.methods if (r := m.cache_trim_from(num_layers)) is not None]
+        self.cache_trim_from: int | None = min(trims, default=None)
 
     @property
     def stage_layers(self) -> list[int]:

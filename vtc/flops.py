@@ -229,6 +229,7 @@ def report(
     decode_steps: int = 0,
     formula: Formula = "paper",
     prepass_rows: Sequence[Sequence[int]] = (),
+    cached_rows: Sequence[Sequence[int]] | None = None,
 ) -> FlopsReport:
     """Build a report from per-row token counts.
 
@@ -240,6 +241,7 @@ def report(
         decode_steps: decode steps to add, one token per row each.
         formula: ``"paper"`` or ``"gqa"``.
         prepass_rows: per batch row, tokens of a pre-pass through the first layers (added to compressed).
+        cached_rows: per batch row, tokens each layer's KV cache holds after the prefill (default `rows`).
     """
     per_layer = [0.0] * dims.num_layers
     per_layer_dense = [0.0] * dims.num_layers
@@ -247,12 +249,13 @@ def report(
         for i, n in enumerate(counts):
             per_layer[i] += dims.layer_macs(n, n, formula)
     decode = decode_dense = 0.0
-    for counts, dense in zip(rows, rows_dense, strict=True):
+    cached_rows = rows if cached_rows is None else cached_rows
+    for counts, dense, cached in zip(rows, rows_dense, cached_rows, strict=True):
         compressed_layers, dense_layers = decoder_flops(dims, counts, formula), decoder_flops(dims, dense, formula)
         for i, (c, d) in enumerate(zip(compressed_layers, dense_layers, strict=True)):
             per_layer[i] += c
             per_layer_dense[i] += d
-        decode += decode_flops(dims, counts, decode_steps, formula)
+        decode += decode_flops(dims, cached, decode_steps, formula)
         decode_dense += decode_flops(dims, dense, decode_steps, formula)
     vision = _vision_flops(dims, images)
     lm_head = float(len(rows) * dims.hidden * dims.vocab)
@@ -265,7 +268,8 @@ def report_from_stats(stats: TokenStats, dims: ModelDims, formula: Formula = "pa
     dense = [[r[0]] * dims.num_layers for r in rows]
     images = list(stats.image_tokens)
     prepass = [list(col) for col in zip(*stats.prepass_tokens_per_layer, strict=True)]
-    return report(dims, rows, dense, images, stats.decode_steps, formula, prepass)
+    cached = [list(col) for col in zip(*stats.cache_tokens_per_layer, strict=True)] or None
+    return report(dims, rows, dense, images, stats.decode_steps, formula, prepass, cached)
 
 
 def planned_counts(

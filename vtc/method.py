@@ -133,6 +133,14 @@ class Method:
         """Decide what to keep: ``[B, L]`` bool (true for visual slots to keep), a ``Selection``, or None."""
         raise NotImplementedError
 
+    def cache_trim_from(self, num_layers: int) -> int | None:
+        """A layer r: after the prefill, layers r.. keep in their KV cache only the tokens that reached the end.
+
+        For methods whose decoding should see only the final token set (MustDrop's output-aware cache);
+        layers before r keep what they computed on.
+        """
+        return None
+
     def prepass_layer(self, num_layers: int) -> int | None:
         """A layer r: run layers 0..r on the full prefill first (taps active), then the real forward.
 

@@ -138,6 +138,8 @@ class TokenStats:
         image_tokens: LLM visual tokens of each image (or video) in the batch, for the vision FLOPs.
         prepass_tokens_per_layer: ``[layer][row]`` tokens of a method's pre-pass (GemFilter runs layers
             0..r on the full input before the real forward); empty when none ran.
+        cache_tokens_per_layer: ``[layer][row]`` tokens each layer's KV cache holds after the prefill
+            (fewer than it computed on when a method trims the cache); empty without a cache.
     """
 
     tokens_per_layer: list[list[int]] = dataclasses.field(default_factory=list)
@@ -149,6 +151,7 @@ class TokenStats:
     extra_forwards: int = 0
     image_tokens: list[int] = dataclasses.field(default_factory=list)
     prepass_tokens_per_layer: list[list[int]] = dataclasses.field(default_factory=list)
+    cache_tokens_per_layer: list[list[int]] = dataclasses.field(default_factory=list)
     dims: ModelDims | None = dataclasses.field(default=None, repr=False)
 
     @property

@@ -26,6 +26,7 @@ from vtc.method import METHODS, HookPoint, LayerContext, Method, register_method
 class FixedKeepConfig(MethodConfig):
     layers: tuple[int, ...] = (2,)
     seed: int = 0
+    trim_from: int | None = None
 
 
 class FixedKeep(Method):
@@ -40,6 +41,9 @@ class FixedKeep(Method):
 
     def prune_layers(self, num_layers):
         return tuple(self.config.layers)
+
+    def cache_trim_from(self, num_layers):
+        return self.config.trim_from
 
     def select(self, ctx: LayerContext):
         state = ctx.state
@@ -62,19 +66,26 @@ def _registered():
 
 
 class MaskedOracle:
-    """Unwrapped-model attention that hides dropped input positions from layer K on."""
+    """Unwrapped-model attention that hides dropped input positions from layer K on.
+
+    With `trim_from`, decode steps (one query) hide every dropped position from that layer on: the
+    compacted model trimmed those layers' caches to the final tokens after the prefill.
+    """
 
     name = "vtc_test_masked_oracle"
 
-    def __init__(self, dropped_from: dict[int, list[torch.Tensor]]) -> None:
+    def __init__(self, dropped_from: dict[int, list[torch.Tensor]], trim_from: int | None = None) -> None:
         self.dropped_from = dropped_from  # layer K -> per row, input positions dropped at K
+        self.trim_from = trim_from
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
         eager = sys.modules[type(module).__module__].eager_attention_forward
         mask = attention_mask.clone()
         floor = torch.finfo(mask.dtype).min
+        decode = query.shape[2] == 1
         for layer, rows in self.dropped_from.items():
-            if module.layer_idx >= layer:
+            trimmed = decode and self.trim_from is not None and module.layer_idx >= self.trim_from
+            if module.layer_idx >= layer or trimmed:
                 for b, dropped in enumerate(rows):
                     mask[b, :, :, dropped] = floor
         return eager(module, query, key, value, mask, **kwargs)
@@ -143,6 +154,32 @@ def greedy_loop(model, sample: dict, n: int) -> torch.Tensor:
         out = model(input_ids=tokens[-1], past_key_values=out.past_key_values, use_cache=True, **extra)
         tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
     return torch.cat(tokens, dim=1)[0]
+
+
+@pytest.mark.parametrize("layers,trim_from", [((1, 3), 1), ((2,), 0), ((1, 3), 2)])
+def test_cache_trim_matches_oracle_and_shrinks_the_cache(family, layers, trim_from):
+    model = tiny(family)
+    inputs, _ = batch_for(model, family, images=[1, 0, 2] if family == "llava" else [1, 0, 1], batch=3)
+    config = FixedKeepConfig(layers=layers, trim_from=trim_from)
+    with vtc.apply(model, config) as handle, torch.no_grad():
+        cache = model(**forward_inputs(family, inputs), use_cache=True).past_key_values
+        stats = handle.stats
+        dropped = dropped_positions(handle, inputs, family)
+        pruned_tokens = generate(model, inputs, n=6)
+    final = stats.tokens_per_layer[-1]
+    for i, layer in enumerate(cache.layers):
+        want = final if i >= trim_from else stats.tokens_per_layer[i]
+        assert stats.cache_tokens_per_layer[i] == want
+        width = stats.seq_len_per_layer[-1 if i >= trim_from else i]  # padded tensor length
+        assert layer.keys.shape[-2] == width
+    oracle = MaskedOracle(dropped, trim_from)
+    oracle.install(model)
+    try:
+        with torch.no_grad():
+            expected_tokens = generate(model, inputs, n=6)
+    finally:
+        oracle.uninstall(model)
+    assert torch.equal(pruned_tokens, expected_tokens)
 
 
 def test_hand_written_decode_loop_without_positions(family):

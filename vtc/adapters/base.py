@@ -205,7 +205,9 @@ class Adapter:
         self._hooks.append(self.vlm.register_forward_pre_hook(self._on_vlm, with_kwargs=True))
         self._hooks.append(self.text_model.register_forward_pre_hook(self._on_text_start, with_kwargs=True))
         self._hooks.append(self.text_model.register_forward_hook(self._on_text_end, with_kwargs=True))
-        first = min(pipeline.stage_layers, default=self.num_layers)
+        # Layers from the first stage on get compacted arguments; a cache trim reaches back further.
+        trim = [] if pipeline.cache_trim_from is None else [pipeline.cache_trim_from]
+        first = min([*pipeline.stage_layers, *trim], default=self.num_layers)
         for i in range(first, self.num_layers):
             self._hooks.append(self.layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
         if pipeline.tap_layers:
@@ -293,6 +295,8 @@ class Adapter:
         fwd, self._fwd = self._fwd, None
         if fwd is None or not fwd.prefill:
             return
+        if fwd.cache is not None and self._pipeline.cache_trim_from is not None and len(fwd.segments) > 1:
+            fwd.segments = self._trim_cache(fwd, self._pipeline.cache_trim_from)
         if fwd.cache is not None and any(seg.compacted for seg in fwd.segments):
             for seg in fwd.segments:
                 seg.reset_forward()
@@ -390,6 +394,31 @@ class Adapter:
         fwd.boundaries.append(boundary(i, state))
         return hidden, state
 
+    def _trim_cache(self, fwd: Forward, start: int) -> list[Segment]:
+        """Keep in the KV cache of layers `start`.. only the tokens of the last segment; return the segments.
+
+        Every later stage only drops tokens, so the final tokens are a subset of each earlier segment's,
+        found by their input positions (ascending in every segment).
+        """
+        final = fwd.segments[-1]
+        ends = [s.start for s in fwd.segments[1:]] + [self.num_layers]
+        target = final.state.index  # [B, Lf], -1 on padding slots
+        for seg, end in zip(fwd.segments[:-1], ends[:-1], strict=True):
+            layers = range(max(seg.start, start), end)
+            if not layers:
+                continue
+            slots = torch.searchsorted(seg.state.index.contiguous(), target.contiguous())  # [B, Lf]
+            slots = slots.clamp(max=seg.state.length - 1)
+            filled = (target >= 0)[:, None, :, None]  # [B, 1, Lf, 1]
+            for i in layers:
+                layer = fwd.cache.layers[i]
+                idx = slots[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+                layer.keys = layer.keys.gather(2, idx) * filled
+                layer.values = layer.values.gather(2, idx) * filled
+        kept = [s for s in fwd.segments if s.start < start]
+        tail = Segment(start, final.state, compacted=True, next_fresh=final.next_fresh, shift=final.shift)
+        return [*kept, tail]
+
     def _segment_kwargs(self, seg: Segment, i: int, hidden: torch.Tensor, kwargs: dict, fwd: Forward) -> None:
         """Replace layer `i`'s mask, rotary embeddings and position ids with the segment's."""
         if not fwd.prefill and seg.next_fresh is not None and seg.cos_sin is None:
@@ -467,6 +496,9 @@ class Adapter:
             visual.append(v)
             lengths.append(length)
         self.stats.tokens_per_layer, self.stats.visual_per_layer, self.stats.seq_len_per_layer = tokens, visual, lengths
+        if fwd.cache is not None:
+            held = {s.start: s.state.num_tokens().tolist() for s in fwd.segments}
+            self.stats.cache_tokens_per_layer = [held[fwd.segment_at(i).start] for i in range(self.num_layers)]
 
     # -- tiny models for tests and demos ----------------------------------------------------------
     @classmethod
