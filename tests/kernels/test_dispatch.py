@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_testing import cuda_device
 
 from vtc import kernels
 from vtc.kernels import dispatch
@@ -89,6 +90,13 @@ def test_unknown_backends_raise(monkeypatch):
         kernels.requested()
 
 
+def test_env_var_selects_the_backend_of_real_ops(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")  # CPU tensors + TRITON_INTERPRET=1: the interpreter runs
+    with kernels.record() as rec:
+        kernels.topk_gather(torch.randn(2, 9), 3)
+    assert rec == {"topk_gather": "triton"}
+
+
 def test_auto_on_cpu_tensors_picks_torch_even_when_interpreting():
     assert dispatch.interpreting(), "the test suite runs Triton in its interpreter"
     q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 10, 8)
@@ -106,6 +114,14 @@ def test_explicit_triton_on_cpu_without_interpreter_raises(monkeypatch):
         kernels.topk_gather(torch.randn(2, 9), 3, backend="triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         kernels.attn_rows(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 10, 8), scale=0.3, backend="triton")
+
+
+def test_kernels_compiled_for_the_gpu_refuse_cpu_tensors(monkeypatch):
+    from vtc.kernels.topk_gather import triton_impl
+
+    monkeypatch.setattr(triton_impl, "INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="compiled for the GPU"):
+        kernels.topk_gather(torch.randn(2, 9), 3, backend="triton")
 
 
 def test_shapes_the_kernel_cannot_hold_raise_when_explicit():
@@ -160,3 +176,15 @@ print(json.dumps({"seen": seen, "rec": rec, "error": error, "file": vtc.__file__
     assert out["seen"] == [False, False, False], "triton was imported without a kernel that could run"
     assert out["rec"] == {"topk_gather": "torch", "attn_rows": "torch"}
     assert "TRITON_INTERPRET=1" in out["error"]
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_triton_for_cuda_tensors():
+    device = cuda_device()
+    with kernels.record() as rec:
+        kernels.topk_gather(torch.randn(2, 9, device=device), 3)
+        kernels.topk_gather(torch.randn(2, 9), 3)  # CPU tensors still take the reference
+    assert rec == {"topk_gather": "torch"}
+    with kernels.record() as rec:
+        kernels.topk_gather(torch.randn(2, 9, device=device), 3)
+    assert rec == {"topk_gather": "triton"}
