@@ -8,8 +8,9 @@ import zlib
 
 import pytest
 import torch
-from kernel_testing import DTYPES, assert_equal, generator
+from kernel_testing import DTYPES, assert_equal, cuda_device, generator
 
+from vtc import kernels
 from vtc.kernels.dup_select.reference import dup_select_reference
 
 
@@ -111,3 +112,33 @@ def test_reference_pivot_order_and_ties():
     assert picked.tolist() == [[False, False, True, True]]  # then (1, 0.1) likes token 3 (-0.0995) least
     picked = dup_select_reference(feats, torch.tensor([[[1.0, 0.1], [1.0, 0.0]]]), counts, pool)
     assert picked.tolist() == [[False, True, True, False]]  # then (1, 0) ties tokens 1 and 3 at 0: token 1
+
+
+# -- Triton against the reference -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_triton_matches_reference(case):
+    feats, pivots, counts, pool = make_inputs(case)
+    expected = dup_select_reference(feats, pivots, counts, pool)
+    assert_equal(kernels.dup_select(feats, pivots, counts, pool, backend="triton"), expected, "picked")
+
+
+# -- on a GPU ---------------------------------------------------------------------------------------------
+
+GPU_CASES = [
+    Case(1, 650, 4096, 8, feats="normal", pool="full", counts="small", dtype=torch.bfloat16),  # LLaVA-1.5-7B
+    Case(2, 2990, 4096, 8, dtype=torch.bfloat16),  # LLaVA-NeXT, exact ties
+    Case(1, 8192, 3584, 8, feats="normal", counts="small", dtype=torch.bfloat16),  # Qwen2.5-VL-7B video
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
+def test_gpu_triton_matches_reference(case):
+    device = cuda_device()
+    feats, pivots, counts, pool = make_inputs(case, device=device)
+    with kernels.record() as rec:
+        actual = kernels.dup_select(feats, pivots, counts, pool)  # auto must pick Triton on CUDA
+    assert rec == {"dup_select": "triton"}
+    assert_equal(actual, dup_select_reference(feats, pivots, counts, pool), "picked")
