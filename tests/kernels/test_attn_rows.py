@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import zlib
 
 import pytest
 import torch
-from kernel_testing import assert_close, generator, randn
+from kernel_testing import DTYPES, assert_close, cuda_device, generator, randn
 
+from vtc import kernels
 from vtc.kernels.attn_rows.reference import HEAD_REDUCE, ROW_REDUCE, attn_rows_reference
 
 REDUCES = list(itertools.product(HEAD_REDUCE, ROW_REDUCE))
@@ -157,3 +159,95 @@ def test_reference_ignores_repeated_kv_layout():
     repeated = k.repeat_interleave(3, dim=1)  # [B, Hq, Lk, D], as repeat_kv lays it out
     kw = {**kw, "head_reduce": "none", "row_reduce": "none"}
     assert_close(attn_rows_reference(q, k, **kw), attn_rows_reference(q, repeated, **kw), torch.float32)
+
+
+# -- Triton against the reference -----------------------------------------------------------------------
+
+
+def run_triton(q, k, kw, case: Case, **extra):
+    if case.config is None:
+        return kernels.attn_rows(q, k, **kw, **extra, backend="triton")
+    from vtc.kernels.attn_rows.triton_impl import Config, attn_rows_triton
+
+    return attn_rows_triton(q, k, **kw, **extra, config=Config(**case.config))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_triton_matches_reference(case, dtype):
+    q, k, kw = make_inputs(case, dtype, seed=zlib.crc32(case.id.encode()))
+    assert_close(run_triton(q, k, kw, case), attn_rows_reference(q, k, **kw), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("head_reduce", "row_reduce"), REDUCES, ids=[f"heads-{h}-rows-{r}" for h, r in REDUCES])
+def test_triton_reductions_match_reference(head_reduce, row_reduce, dtype):
+    config = {"splits": 3, "key_block": 16}  # the split-combine path under every reduction
+    case = Case(2, 6, 2, 5, 45, 16, n_cols=13, causal=True, kv_pad=True, row_pad=True, config=config)
+    q, k, kw = make_inputs(case, dtype, seed=7)
+    red = {"head_reduce": head_reduce, "row_reduce": row_reduce}
+    assert_close(run_triton(q, k, kw, case, **red), attn_rows_reference(q, k, **kw, **red), dtype)
+
+
+def test_triton_never_allocates_rows_by_keys(monkeypatch):
+    """Every buffer the Triton path allocates is O(rows x (columns + splits)), never O(rows x keys)."""
+    from vtc.kernels.attn_rows import triton_impl
+
+    sizes: list[int] = []
+
+    class CountingTorch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        def empty(self, *shape, **kw):
+            out = torch.empty(*shape, **kw)
+            sizes.append(out.numel())
+            return out
+
+        def empty_like(self, t, **kw):
+            sizes.append(t.numel())
+            return torch.empty_like(t, **kw)
+
+    monkeypatch.setattr(triton_impl, "torch", CountingTorch())
+    case = Case(1, 2, 1, 4, 4096, 16, n_cols=8, causal=True)
+    q, k, kw = make_inputs(case, torch.float32, seed=2)
+    out = triton_impl.attn_rows_triton(q, k, **kw, head_reduce="none", row_reduce="none")
+    assert sizes, "the spy saw no allocation"
+    assert max(sizes) < case.rows * case.lk / 4, f"allocations {sizes} grow with the key length"
+    assert_close(out, attn_rows_reference(q, k, **kw, head_reduce="none", row_reduce="none"), torch.float32)
+
+
+# -- on a GPU ---------------------------------------------------------------------------------------------
+
+GPU_CASES = [
+    Case(1, 32, 32, 32, 650, 128, n_cols=576, causal=True),  # LLaVA-1.5-7B, text rows against the image
+    Case(2, 28, 4, 16, 1400, 128, n_cols=1296, causal=True, kv_pad=True, row_pad=True),  # Qwen2.5-VL-7B, padded
+    Case(1, 28, 4, 1, 8192, 128, n_cols=8000),  # video, last token
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
+def test_gpu_triton_matches_reference(case, dtype):
+    device = cuda_device()
+    q, k, kw = make_inputs(case, dtype, seed=0, device=device)
+    with kernels.record() as rec:
+        actual = kernels.attn_rows(q, k, **kw)  # auto must pick Triton for CUDA tensors
+    assert rec == {"attn_rows": "triton"}
+    assert_close(actual, attn_rows_reference(q, k, **kw), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_memory_is_linear_in_keys():
+    """At 32k keys the extra memory is the output and the partials: far below one row x keys x heads."""
+    device = cuda_device()
+    case = Case(1, 28, 4, 32, 32768, 128, n_cols=32000)
+    q, k, kw = make_inputs(case, torch.bfloat16, seed=0, device=device)
+    kernels.attn_rows(q, k, **kw, backend="triton")  # compile outside the measurement
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    kernels.attn_rows(q, k, **kw, backend="triton")
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < case.hq * case.rows * case.lk * 4 / 16, f"{extra} bytes beyond the inputs"
