@@ -1,18 +1,53 @@
-"""vtc's kernels: each op has a torch reference and may have a Triton implementation.
+"""vtc's kernels: each op has a torch reference and a Triton implementation.
 
 Importing this package never imports triton; a Triton implementation is loaded only when it may run.
-See ``vtc.kernels.dispatch`` for how the backend is chosen.
+See ``vtc.kernels.dispatch`` for how the backend is chosen and docs/KERNELS.md for the contracts.
 """
 
 from __future__ import annotations
 
 import torch
 
+from vtc.kernels import attn_rows as _attn_rows_pkg  # registers the op's implementations
 from vtc.kernels import dispatch
 from vtc.kernels import dup_select as _dup_select_pkg  # registers the op's implementations
 from vtc.kernels import topk_gather as _topk_gather_pkg  # registers the op's implementations
 from vtc.kernels.dispatch import BACKENDS, record, requested, use
 from vtc.kernels.topk_gather import TopK
+
+
+def attn_rows(
+    q_rows: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float,
+    q_pos: torch.Tensor | None = None,
+    kv_valid: torch.Tensor | None = None,
+    columns: torch.Tensor | None = None,
+    head_reduce: str = "mean",
+    row_reduce: str = "mean",
+    row_valid: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """fp32 softmax probabilities of query rows over all permitted keys, at `columns`, reduced.
+
+    ``q_rows`` ``[B, Hq, R, D]``, ``k`` ``[B, Hkv, Lk, D]`` (not repeated for GQA). Returns ``[B, S]``,
+    ``[B, R, S]`` (``row_reduce="none"``), ``[B, Hq, S]`` (``head_reduce="none"``) or ``[B, Hq, R, S]``.
+    See ``vtc.kernels.attn_rows.reference.attn_rows_reference`` for the exact contract.
+    """
+    return dispatch.call(
+        "attn_rows",
+        q_rows,
+        k,
+        scale=scale,
+        q_pos=q_pos,
+        kv_valid=kv_valid,
+        columns=columns,
+        head_reduce=head_reduce,
+        row_reduce=row_reduce,
+        row_valid=row_valid,
+        backend=backend,
+    )
 
 
 def topk_gather(
@@ -41,6 +76,6 @@ def dup_select(
     return dispatch.call("dup_select", feats, pivots, counts, pool, backend=backend)
 
 
-del _dup_select_pkg, _topk_gather_pkg
+del _attn_rows_pkg, _dup_select_pkg, _topk_gather_pkg
 
-__all__ = ["BACKENDS", "TopK", "dup_select", "record", "requested", "topk_gather", "use"]
+__all__ = ["BACKENDS", "TopK", "attn_rows", "dup_select", "record", "requested", "topk_gather", "use"]

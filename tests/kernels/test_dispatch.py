@@ -1,0 +1,190 @@
+"""The backend choice: argument, then ``use()``, then ``VTC_KERNEL_BACKEND``, then auto; lazy triton."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from kernel_testing import cuda_device
+
+from vtc import kernels
+from vtc.kernels import dispatch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def fake_op(monkeypatch):
+    """An op ``fake`` whose Triton implementation always says no, or always runs, per `monkeypatch` flags."""
+    state = {"reason": None, "preferred": True}
+    impls = {
+        "torch": dispatch.Impl(lambda x: ("torch", x), lambda x: None, lambda x: True),
+        "triton": dispatch.Impl(lambda x: ("triton", x), lambda x: state["reason"], lambda x: state["preferred"]),
+    }
+    monkeypatch.setitem(dispatch._IMPLS, "fake", impls)
+    return state
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+
+
+def run(backend=None):
+    with kernels.record() as rec:
+        name, _ = dispatch.call("fake", 1, backend=backend)
+    assert rec == {"fake": name}, "record() must report the backend that ran"
+    return name
+
+
+def test_auto_takes_triton_when_preferred_and_supported(fake_op):
+    assert run() == "triton"
+
+
+@pytest.mark.parametrize(("reason", "preferred"), [("no", True), (None, False)], ids=["unsupported", "not-preferred"])
+def test_auto_falls_back_to_torch(fake_op, reason, preferred):
+    fake_op.update(reason=reason, preferred=preferred)
+    assert run() == "torch"
+
+
+def test_explicit_triton_that_cannot_run_raises_with_the_reason(fake_op):
+    fake_op["reason"] = "rows too long"
+    with pytest.raises(RuntimeError, match="cannot run on the triton backend: rows too long"):
+        run("triton")
+
+
+def test_precedence_argument_then_use_then_env(fake_op, monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    assert run() == "torch"
+    with kernels.use("triton"):
+        assert run() == "triton"  # use() beats the environment
+        assert run("torch") == "torch"  # the argument beats use()
+        with kernels.use("torch"):
+            assert run() == "torch"
+        assert run() == "triton"  # a with block restores the outer choice
+    assert run() == "torch"
+    monkeypatch.setenv(dispatch.ENV_VAR, " AUTO ")
+    assert run() == "triton"
+
+
+def test_use_as_a_call_lasts(fake_op):
+    def body():
+        kernels.use("torch")  # no with block: the choice holds for the rest of this context
+        return run(), kernels.requested()
+
+    assert contextvars.copy_context().run(body) == ("torch", "torch")
+    assert kernels.requested() == "auto"
+
+
+def test_unknown_backends_raise(monkeypatch):
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        kernels.use("cuda")
+    monkeypatch.setenv(dispatch.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="unknown kernel backend 'fast'"):
+        kernels.requested()
+
+
+def test_env_var_selects_the_backend_of_real_ops(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")  # CPU tensors + TRITON_INTERPRET=1: the interpreter runs
+    with kernels.record() as rec:
+        kernels.topk_gather(torch.randn(2, 9), 3)
+    assert rec == {"topk_gather": "triton"}
+
+
+def test_auto_on_cpu_tensors_picks_torch_even_when_interpreting():
+    assert dispatch.interpreting(), "the test suite runs Triton in its interpreter"
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 10, 8)
+    feats, pivots = torch.randn(1, 10, 8), torch.randn(1, 2, 8)
+    with kernels.record() as rec:
+        kernels.attn_rows(q, k, scale=0.3)
+        kernels.topk_gather(torch.randn(2, 9), 3)
+        kernels.dup_select(feats, pivots, torch.ones(1, 2, dtype=torch.long), torch.ones(1, 10, dtype=torch.bool))
+    assert rec == {"attn_rows": "torch", "topk_gather": "torch", "dup_select": "torch"}
+
+
+def test_explicit_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.delenv(dispatch.INTERPRET_VAR)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.topk_gather(torch.randn(2, 9), 3, backend="triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.attn_rows(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 10, 8), scale=0.3, backend="triton")
+
+
+def test_kernels_compiled_for_the_gpu_refuse_cpu_tensors(monkeypatch):
+    from vtc.kernels.topk_gather import triton_impl
+
+    monkeypatch.setattr(triton_impl, "INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="compiled for the GPU"):
+        kernels.topk_gather(torch.randn(2, 9), 3, backend="triton")
+
+
+def test_shapes_the_kernel_cannot_hold_raise_when_explicit():
+    with pytest.raises(RuntimeError, match="rows longer than 65536"):
+        kernels.topk_gather(torch.zeros(1, 70_000), 3, backend="triton")
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        kernels.attn_rows(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 10, 8).double(), scale=0.3, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_arguments_raise_value_error_on_every_backend(backend):
+    with pytest.raises(ValueError, match="multiple of key heads"):
+        kernels.attn_rows(torch.randn(1, 3, 2, 8), torch.randn(1, 2, 10, 8), scale=0.3, backend=backend)
+    with pytest.raises(ValueError, match="head_reduce must be one of"):
+        kernels.attn_rows(
+            torch.randn(1, 2, 2, 8), torch.randn(1, 2, 10, 8), scale=0.3, head_reduce="sum", backend=backend
+        )
+    with pytest.raises(ValueError, match="pool must have shape"):
+        counts, pool = torch.ones(1, 2, dtype=torch.long), torch.ones(1, 4, dtype=torch.bool)
+        kernels.dup_select(torch.randn(1, 5, 4), torch.randn(1, 2, 4), counts, pool, backend=backend)
+
+
+def _python(code: str, **env: str) -> dict:
+    """Run `code` in a fresh interpreter with this checkout first on the path; return its JSON output."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", dispatch.ENV_VAR)}
+    clean["PYTHONPATH"] = os.pathsep.join([str(REPO), clean.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, timeout=120, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_import_vtc_and_cpu_calls_never_import_triton():
+    code = """
+import json, sys, torch
+import vtc, vtc.kernels
+seen = ["triton" in sys.modules]
+with vtc.kernels.record() as rec:
+    vtc.kernels.topk_gather(torch.randn(2, 9), 3)
+    vtc.kernels.attn_rows(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 10, 8), scale=0.3)
+seen.append("triton" in sys.modules)
+try:
+    vtc.kernels.topk_gather(torch.randn(2, 9), 3, backend="triton")
+    error = None
+except RuntimeError as exc:
+    error = str(exc)
+seen.append("triton" in sys.modules)
+print(json.dumps({"seen": seen, "rec": rec, "error": error, "file": vtc.__file__}))
+"""
+    out = _python(code)
+    assert out["file"].startswith(str(REPO)), "the subprocess must import this checkout"
+    assert out["seen"] == [False, False, False], "triton was imported without a kernel that could run"
+    assert out["rec"] == {"topk_gather": "torch", "attn_rows": "torch"}
+    assert "TRITON_INTERPRET=1" in out["error"]
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_triton_for_cuda_tensors():
+    device = cuda_device()
+    with kernels.record() as rec:
+        kernels.topk_gather(torch.randn(2, 9, device=device), 3)
+        kernels.topk_gather(torch.randn(2, 9), 3)  # CPU tensors still take the reference
+    assert rec == {"topk_gather": "torch"}
+    with kernels.record() as rec:
+        kernels.topk_gather(torch.randn(2, 9, device=device), 3)
+    assert rec == {"topk_gather": "triton"}
