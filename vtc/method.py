@@ -55,6 +55,51 @@ class AttentionCall:
     scaling: float
     state: VisualTokenState | None = None
 
+    def rows(
+        self,
+        rows: torch.Tensor,
+        columns: torch.Tensor | None = None,
+        *,
+        row_valid: torch.Tensor | None = None,
+        head_reduce: str = "mean",
+        row_reduce: str = "mean",
+    ) -> torch.Tensor:
+        """Softmax attention probabilities of some query rows, as the layer's own attention computed them.
+
+        Each row's softmax runs over every key it may see (causal, vtc's and the user's padding excluded),
+        and only the requested `columns` are returned, reduced over heads and rows. Computed from q and k
+        by ``vtc.kernels.attn_rows``: never the L x L matrix, and the model keeps its sdpa / flash kernel.
+
+        Args:
+            rows: ``[B, R]`` query slots of this forward.
+            columns: ``[B, S]`` key slots to return (None: all keys).
+            row_valid: ``[B, R]`` rows that count in the row reduction.
+            head_reduce: ``"mean"``, ``"max"`` or ``"none"``.
+            row_reduce: ``"mean"``, ``"max"``, ``"sum"`` or ``"none"``.
+
+        Returns:
+            fp32 ``[B, S]``, ``[B, R, S]``, ``[B, Hq, S]`` or ``[B, Hq, R, S]`` by the reductions.
+        """
+        from vtc import kernels
+
+        batch, heads, _, dim = self.query.shape
+        offset = self.key.shape[2] - self.query.shape[2]  # keys of earlier forwards come first
+        if offset and self.state is not None:
+            raise ValueError("attention rows are available in a prefill (an empty cache) only.")
+        q_rows = self.query.gather(2, rows[:, None, :, None].expand(batch, heads, rows.shape[1], dim))
+        kv_valid = self.state.valid if self.state is not None else None
+        return kernels.attn_rows(
+            q_rows,
+            self.key,
+            scale=self.scaling,
+            q_pos=rows + offset,
+            kv_valid=kv_valid,
+            columns=columns,
+            head_reduce=head_reduce,
+            row_reduce=row_reduce,
+            row_valid=row_valid,
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerContext:
@@ -174,6 +219,33 @@ class Method:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
+
+
+def realign(values: torch.Tensor, tapped: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Per-token `values` recorded over slots whose input positions were `tapped`, read at `index`.
+
+    A tap records values for the tokens its layer saw; a stage later in the same forward may see fewer
+    (an earlier stage dropped some). Both position lists ascend, so each token is found by search.
+
+    Args:
+        values: ``[B, L_tapped]``.
+        tapped: ``[B, L_tapped]`` input positions (-1 for padding slots) of the tapped slots.
+        index: ``[B, L]`` input positions of the current slots.
+    """
+    if tapped.shape == index.shape and bool((tapped == index).all()):
+        return values
+    slot = torch.searchsorted(tapped.contiguous(), index.contiguous()).clamp(max=tapped.shape[1] - 1)
+    return values.gather(1, slot)
+
+
+def padded_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, L]`` bool -> ``[B, N]`` slot indices where true (ascending) and ``[B, N]`` validity, N = max count."""
+    length = mask.shape[1]
+    order = torch.where(mask, torch.arange(length, device=mask.device), length).sort(dim=1).values
+    width = int(mask.sum(dim=1).max().item()) if mask.numel() else 0
+    order = order[:, :width]
+    valid = order < length
+    return torch.where(valid, order, 0), valid
 
 
 def resolve_layer(method: str, name: str, layer: int, num_layers: int, lo: int = 0) -> int:

@@ -158,6 +158,15 @@ class TokenStats:
     def batch_size(self) -> int:
         return len(self.tokens_per_layer[0]) if self.tokens_per_layer else 0
 
+    def layer_averaged_visual(self) -> list[float]:
+        """Per row, the mean over layers of the visual tokens left *after* each layer's pruning.
+
+        This is the count SparseVLM and MustDrop call their budget ("equivalent tokens"): layer i's
+        count after pruning is what enters layer i + 1 (the last layer keeps its own).
+        """
+        after = [*self.visual_per_layer[1:], self.visual_per_layer[-1]]
+        return [sum(col) / len(col) for col in zip(*after, strict=True)]
+
     def kept_visual(self, stage: int = -1) -> list[torch.Tensor]:
         """Per row, the patch indices kept by `stage` (default: the last stage)."""
         if not self.stages:
@@ -183,6 +192,9 @@ class TokenStats:
         ]
         for s in self.stages:
             lines.append(f"stage {s.method}@{s.layer}: visual {s.visual_before} -> {s.visual_after}")
+        if self.stages:
+            averaged = ", ".join(f"{x:.1f}" for x in self.layer_averaged_visual())
+            lines.append(f"layer-averaged visual tokens per row: {averaged}")
         if self.backends:
             lines.append("backends: " + ", ".join(f"{k}={v}" for k, v in sorted(self.backends.items())))
         if self.dims is not None:

@@ -20,7 +20,7 @@ import torch
 
 from vtc import kernels
 from vtc.config import MethodConfig, check_fraction, check_int
-from vtc.method import AttentionCall, HookPoint, LayerContext, Method, register_method, resolve_layer
+from vtc.method import AttentionCall, HookPoint, LayerContext, Method, realign, register_method, resolve_layer
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -112,12 +112,7 @@ class DART(Method):
                 "dart: the layer before the pruning layer did not report its keys in this forward; "
                 "vtc's attention tap was bypassed (was the attention implementation changed after wrapping?)."
             )
-        norms, tapped = self._key_norms
-        if tapped.shape == index.shape and bool((tapped == index).all()):
-            return norms
-        # A stage earlier in this layer dropped tokens: find each token's slot in the tapped sequence.
-        slot = torch.searchsorted(tapped.contiguous(), index.contiguous()).clamp(max=tapped.shape[1] - 1)
-        return norms.gather(1, slot)
+        return realign(*self._key_norms, index)
 
     # -- budgets ----------------------------------------------------------------------------------
     def _per_pivot(self) -> int:

@@ -1,0 +1,213 @@
+"""SparseVLM: raters, scores and counts against naive computations; recycling and clustering by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import batch_for, tiny
+
+import vtc
+from vtc.adapters import adapter_for
+from vtc.method import LayerContext, get_method
+from vtc.methods.sparsevlm import (
+    SCHEDULES,
+    SparseVLM,
+    SparseVLMConfig,
+    density_peak_clusters,
+    interpolated_schedule,
+)
+from vtc.state import VisualTokenState
+
+
+def embeddings_and_attention(family: str, sample: dict, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unwrapped eager model's input embeddings [L, d] and layer attention [H, L, L] for one row."""
+    model = tiny(family, attn="eager")
+    seen = {}
+
+    def grab(module, args, kwargs) -> None:
+        seen["embeds"] = kwargs["inputs_embeds"]
+
+    hook = adapter_for(model).text_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            attentions = model(**sample, output_attentions=True).attentions
+    finally:
+        hook.remove()
+    return seen["embeds"][0], attentions[layer][0]
+
+
+def naive_raters(embeds: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """Step A of the paper, one row, loops: text tokens after the image whose relevance beats the mean."""
+    first = int(visual.nonzero()[0])
+    vis = [i for i in range(len(visual)) if visual[i]]
+    text = [i for i in range(len(visual)) if not visual[i] and i > first]
+    relevance = torch.zeros(len(text))
+    for v in vis:
+        relevance += torch.softmax(torch.stack([embeds[v] @ embeds[t] for t in text]), dim=0)
+    relevance /= len(vis)
+    return torch.tensor([t for t, r in zip(text, relevance, strict=True) if r > relevance.mean()])
+
+
+@pytest.mark.parametrize("budget", [64, 192])
+def test_single_stage_keeps_the_naive_top_k(family, budget):
+    model = tiny(family)
+    _, samples = batch_for(model, family, batch=2)
+    layer = 1
+    config = SparseVLMConfig(schedule=(SCHEDULES[budget][0],), layers=(layer,), recycle=False)
+    for sample in samples:
+        embeds, attention = embeddings_and_attention(family, sample, layer)
+        visual = adapter_for(model).visual_mask(sample["input_ids"], None)[0]
+        raters = naive_raters(embeds.float(), visual)
+        vis = visual.nonzero().flatten()
+        scores = attention[:, raters][:, :, vis].mean(dim=(0, 1))  # [Nv]
+        k = round(SCHEDULES[budget][0] * len(vis) / 576)
+        expected = torch.sort(scores, descending=True, stable=True).indices[:k].sort().values
+        with vtc.apply(model, config) as handle, torch.no_grad():
+            model(**sample)
+        method = handle.methods[0]
+        assert torch.equal(method._raters[0].nonzero().flatten(), raters)
+        assert torch.equal(handle.stats.kept_visual()[0], expected)
+
+
+def test_recycling_adds_the_declared_clusters_from_the_best_pruned(family):
+    model = tiny(family)
+    _, samples = batch_for(model, family, batch=1)
+    config = SparseVLMConfig(schedule=(40,), layers=(1,))
+    with vtc.apply(model, config) as handle, torch.no_grad():
+        model(**samples[0])
+    method = handle.methods[0]
+    scores = method._scores[1][0][0]
+    visual = adapter_for(model).visual_mask(samples[0]["input_ids"], None)[0]
+    n_visual = int(visual.sum())
+    k = round(40 * n_visual / 576)
+    kept = handle.stats.stages[-1].kept_positions[0]
+    by_score = torch.sort(scores.masked_fill(~visual, float("-inf")), descending=True, stable=True).indices
+    top_k, rest = by_score[:k], by_score[k:n_visual]
+    n_candidates = int(0.3 * (n_visual - k)) + 1
+    clusters = int(n_candidates * 0.1) + 1
+    assert len(kept) == k + clusters
+    assert torch.isin(top_k, kept).all()
+    assert torch.isin(kept[~torch.isin(kept, top_k)], rest[:n_candidates]).all()  # centres are candidates
+
+
+def two_blobs() -> torch.Tensor:
+    hidden = torch.zeros(1, 6, 2)
+    hidden[0, :3] = torch.tensor([[0.0, 10.0], [0.2, 10.0], [0.1, 10.2]])
+    hidden[0, 3:] = torch.tensor([[10.0, 0.0], [10.2, 0.0], [10.0, 0.1]])
+    return hidden
+
+
+def test_recycled_tokens_are_the_means_of_their_clusters():
+    # 6 pruned tokens, all candidates (ratio 1.0): int(7 * 0.2) + 1 = 2 clusters, one per blob.
+    method = SparseVLM(SparseVLMConfig(schedule=(1,), layers=(0,), recycle_ratio=1.0, cluster_ratio=0.2))
+    hidden = two_blobs()
+    new, centres = method._recycle(hidden, torch.arange(6.0)[None], torch.ones(1, 6, dtype=torch.bool))
+    slots = centres[0].nonzero().flatten().tolist()
+    assert len(slots) == 2 and slots[0] < 3 <= slots[1]
+    torch.testing.assert_close(new[0, slots[0]], hidden[0, :3].mean(0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(new[0, slots[1]], hidden[0, 3:].mean(0), atol=1e-6, rtol=0)
+    others = [i for i in range(6) if i not in slots]
+    assert torch.equal(new[0, others], hidden[0, others])  # only the centres' slots change
+
+
+def test_density_peaks_find_two_blobs():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(10, 4, generator=g) * 0.01
+    b = torch.randn(10, 4, generator=g) * 0.01 + 5
+    centres, assign = density_peak_clusters(torch.cat([a, b]), 2)
+    assert {int(c) // 10 for c in centres} == {0, 1}  # one centre per blob
+    assert (assign[:10] == assign[0]).all() and (assign[10:] == assign[10]).all() and assign[0] != assign[10]
+
+
+def test_identical_features_merge_to_that_feature():
+    method = SparseVLM(SparseVLMConfig(schedule=(1,), layers=(0,), recycle_ratio=1.0, cluster_ratio=0.5))
+    hidden = torch.full((1, 6, 3), 0.5)
+    new, centres = method._recycle(hidden, torch.zeros(1, 6), torch.ones(1, 6, dtype=torch.bool))
+    assert centres.sum() == int(7 * 0.5) + 1
+    assert torch.equal(new, hidden)
+
+
+def test_equal_relevance_makes_every_text_token_a_rater():
+    method = SparseVLM(SparseVLMConfig())
+    visual = torch.tensor([[False, True, True, False, False, False]])
+    state = VisualTokenState.initial(visual, torch.ones_like(visual))
+    hidden = torch.ones(1, 6, 4)  # every dot product equal: relevance is flat
+    method._rate(LayerContext(0, hidden, state, None))
+    assert method._raters.tolist() == [[False, False, False, True, True, True]]
+
+
+def test_layers_before_the_first_stage_are_bit_identical(family):
+    model = tiny(family)
+    inputs, _ = batch_for(model, family)
+    with torch.no_grad():
+        base = model(**inputs, output_hidden_states=True).hidden_states
+        with vtc.apply(model, "sparsevlm", schedule=(20,), layers=(1,)):
+            pruned = model(**inputs, output_hidden_states=True).hidden_states
+    for i in range(3):  # embeddings, outputs of layers 0 and 1: the stage prunes layer 1's output
+        assert torch.equal(base[i], pruned[i])
+    assert pruned[3].shape[1] < base[3].shape[1]
+
+
+def test_rank_adaptive_keeps_rank_times_scale_plus_bias(family):
+    model = tiny(family)
+    _, samples = batch_for(model, family, batch=1)
+    sample = samples[0]
+    embeds, attention = embeddings_and_attention(family, sample, 1)
+    visual = adapter_for(model).visual_mask(sample["input_ids"], None)[0]
+    raters = naive_raters(embeds.float(), visual)
+    matrix = attention[:, raters][:, :, visual.nonzero().flatten()].mean(dim=0)  # [R, Nv]
+    rank = int(torch.linalg.matrix_rank(matrix.float()))
+    config = SparseVLMConfig(budget=128, layers=(1,), rank_adaptive=True, recycle=False, rank_scale=2.0, rank_bias=3)
+    with vtc.apply(model, config) as handle, torch.no_grad():
+        model(**sample)
+    assert len(handle.stats.kept_visual()[0]) == min(int(rank * 2.0 + 3), int(visual.sum()))
+
+
+def test_schedules_interpolate_through_the_papers_points_to_keep_all():
+    for budget, schedule in SCHEDULES.items():
+        assert interpolated_schedule(budget / 576) == pytest.approx(schedule)
+    assert interpolated_schedule(1.0) == (576.0, 576.0, 576.0)
+    # 0.5 lies a quarter of the way from the r192 schedule (1/3) to keep-all (1.0)
+    assert interpolated_schedule(0.5) == pytest.approx((369.0, 294.0, 226.5))
+
+
+def test_planned_counts_reproduce_the_official_schedule_for_llava_7b():
+    """Counts entering layers 0-2 / 3-6 / 7-15 / 16-31 and the layer-averaged budgets (research notes)."""
+    for budget, segments, averaged in [(192, [576, 309, 204, 113], 192.0), (64, [576, 82, 32, 18], 64.8)]:
+        plan = get_method("sparsevlm")(vtc.resolve(f"sparsevlm.r{budget}")).plan([576] * 32, 64)
+        assert plan == [segments[0]] * 3 + [segments[1]] * 4 + [segments[2]] * 9 + [segments[3]] * 16
+        after = [*plan[1:], plan[-1]]
+        assert sum(after) / 32 == pytest.approx(averaged, abs=0.05)
+
+
+def test_stats_report_the_layer_averaged_budget(family):
+    model = tiny(family)
+    inputs, _ = batch_for(model, family)
+    with vtc.apply(model, "sparsevlm.r64") as handle, torch.no_grad():
+        model(**inputs)
+    stats = handle.stats
+    after = [*stats.visual_per_layer[1:], stats.visual_per_layer[-1]]
+    assert stats.layer_averaged_visual() == [sum(r[b] for r in after) / 4 for b in range(2)]
+    assert "layer-averaged" in str(stats)
+
+
+@pytest.mark.parametrize(
+    "settings,match",
+    [
+        ({"budget": 100}, r"one of the paper's \[64, 96, 128, 192\]"),
+        ({"budget": 64, "keep_ratio": 0.2}, "only one of"),
+        ({"schedule": (10, 5), "layers": (1,)}, "one count per pruning layer"),
+        ({"recycle_ratio": 1.5}, "recycle_ratio"),
+        ({"rank_adaptive": True, "keep_ratio": 0.3}, "rank_scale and rank_bias"),
+    ],
+)
+def test_bad_settings(settings, match):
+    with pytest.raises(ValueError, match=match):
+        SparseVLMConfig(**settings)
+
+
+def test_layers_out_of_range_name_the_fix():
+    with pytest.raises(ValueError, match="no output left"):
+        vtc.wrap(tiny("llava"), "sparsevlm", layers=(3,))
+    with pytest.raises(ValueError, match=r"use 0\.\.3"):
+        vtc.wrap(tiny("llava"), "sparsevlm", layers=(9,))
