@@ -42,6 +42,8 @@ class Pipeline:
                 self._stages[layer].append(m)
             for layer in m.tap_layers(num_layers):
                 self._taps[layer].append(m)
+        self._vision_stages: dict[int, list[Method]] = defaultdict(list)
+        self._vision_taps: dict[int, list[Method]] = defaultdict(list)
 
         prepasses = {m.name: r for m in self.methods if (r := m.prepass_layer(num_layers)) is not None}
         if len(prepasses) > 1:
@@ -49,6 +51,33 @@ class Pipeline:
         self.prepass_layer: int | None = next(iter(prepasses.values()), None)
         trims = [r for m in self.methods if (r := m.cache_trim_from(num_layers)) is not None]
         self.cache_trim_from: int | None = min(trims, default=None)
+
+    def bind_vision(self, num_layers: int) -> None:
+        """Index the methods' vision-tower stages and taps for a tower of `num_layers` layers."""
+        for m in self.methods:
+            for layer in m.vision_layers(num_layers):
+                self._vision_stages[layer].append(m)
+            for layer in m.vision_tap_layers(num_layers):
+                self._vision_taps[layer].append(m)
+
+    @property
+    def vision_stage_layers(self) -> list[int]:
+        return sorted(self._vision_stages)
+
+    @property
+    def vision_tap_layers(self) -> list[int]:
+        return sorted(self._vision_taps)
+
+    def vision_stages_at(self, layer: int) -> list[Method]:
+        return self._vision_stages.get(layer, [])
+
+    def on_vision_start(self) -> None:
+        for m in self.methods:
+            m.on_vision_start()
+
+    def on_vision_attention(self, call: AttentionCall) -> None:
+        for m in self._vision_taps.get(call.layer_idx, []):
+            m.on_vision_attention(call)
 
     @property
     def stage_layers(self) -> list[int]:

@@ -45,6 +45,7 @@ class AttentionCall:
         attention_mask: the mask the layer's attention received (None, 2-D or 4-D).
         scaling: the softmax scale.
         state: where the visual tokens are among this forward's queries (set by the adapter).
+        causal: queries see only earlier keys (decoder layers); False in bidirectional vision towers.
     """
 
     layer_idx: int
@@ -54,6 +55,7 @@ class AttentionCall:
     attention_mask: torch.Tensor | None
     scaling: float
     state: VisualTokenState | None = None
+    causal: bool = True
 
     def rows(
         self,
@@ -66,7 +68,8 @@ class AttentionCall:
     ) -> torch.Tensor:
         """Softmax attention probabilities of some query rows, as the layer's own attention computed them.
 
-        Each row's softmax runs over every key it may see (causal, vtc's and the user's padding excluded),
+        Each row's softmax runs over every key it may see (earlier keys in a causal layer; vtc's and the
+        user's padding excluded),
         and only the requested `columns` are returned, reduced over heads and rows. Computed from q and k
         by ``vtc.kernels.attn_rows``: never the L x L matrix, and the model keeps its sdpa / flash kernel.
 
@@ -92,7 +95,7 @@ class AttentionCall:
             q_rows,
             self.key,
             scale=self.scaling,
-            q_pos=rows + offset,
+            q_pos=rows + offset if self.causal else None,
             kv_valid=kv_valid,
             columns=columns,
             head_reduce=head_reduce,
@@ -138,6 +141,25 @@ class Selection:
     positions: Literal["original", "fresh"] = "original"
 
 
+@dataclasses.dataclass(frozen=True)
+class VisionContext:
+    """What a vision-tower stage sees at the input of a tower layer.
+
+    Attributes:
+        layer_idx: the tower layer about to run.
+        hidden: ``[N, T, dv]`` tower tokens of N images (CLS first when the tower has one).
+        valid: ``[N, T]`` tokens still taking part (earlier stages hide merged tokens).
+        grid: patches per side (the patches form a grid x grid raster after the CLS token).
+        has_cls: token 0 is a CLS token.
+    """
+
+    layer_idx: int
+    hidden: torch.Tensor
+    valid: torch.Tensor
+    grid: int
+    has_cls: bool
+
+
 class Method:
     """Base of every method.
 
@@ -152,6 +174,8 @@ class Method:
     requires: ClassVar[frozenset[str]] = frozenset()
     #: preset name -> settings, e.g. ``{"r128": {"budget": 128}}``; selected as ``"name.r128"``.
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: The tokens kept follow from the settings alone (``plan`` can say them); False for thresholds.
+    fixed_counts: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig) -> None:
         if not isinstance(config, self.config_cls):
@@ -212,6 +236,25 @@ class Method:
 
     def on_attention(self, call: AttentionCall) -> None:
         """Read one attention call of a tapped layer (prefill only)."""
+
+    # -- vision tower (VISION) ---------------------------------------------------------------------
+    def vision_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Tower layers at whose input this method acts, for a tower of `num_layers` layers."""
+        return ()
+
+    def vision_select(self, ctx: VisionContext) -> Selection | None:
+        """Tokens to keep in the tower (hidden ones stop being keys for later tower layers)."""
+        raise NotImplementedError
+
+    def vision_tap_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Tower layers whose attention call this method reads."""
+        return ()
+
+    def on_vision_attention(self, call: AttentionCall) -> None:
+        """Read one attention call of a tapped tower layer."""
+
+    def on_vision_start(self) -> None:
+        """A batch of images enters the tower: drop buffers from the previous one."""
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def on_forward_start(self) -> None:

@@ -28,15 +28,15 @@ from vtc.adapters.segments import (
     gather_tokens,
     plan_slots,
 )
-from vtc.method import AttentionCall, LayerContext, Selection
+from vtc.method import AttentionCall, LayerContext, Selection, VisionContext
 from vtc.state import StageRecord, TokenStats, VisualTokenState
 
 if TYPE_CHECKING:
     from vtc.compose import Pipeline
     from vtc.flops import ModelDims
 
-# Attention modules whose calls a method taps, mapped to the callback (see ``_vtc_attention_for``).
-_TAPS: weakref.WeakKeyDictionary[nn.Module, Callable[[AttentionCall], None]] = weakref.WeakKeyDictionary()
+# Attention modules whose calls a method taps, mapped to (layer index, callback); see _vtc_attention_for.
+_TAPS: weakref.WeakKeyDictionary[nn.Module, tuple[int, Callable[[AttentionCall], None]]] = weakref.WeakKeyDictionary()
 
 
 class _PrepassDone(Exception):  # noqa: N818  (control flow, not an error)
@@ -60,9 +60,11 @@ def _vtc_attention_for(original: str) -> Callable[..., Any]:
         out = impl(module, query, key, value, attention_mask, **kwargs)
         tap = _TAPS.get(module)
         if tap is not None:
+            layer, callback = tap
             scaling = kwargs.get("scaling")
             scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-            tap(AttentionCall(module.layer_idx, query, key, value, attention_mask, scaling))
+            causal = getattr(module, "is_causal", True)
+            callback(AttentionCall(layer, query, key, value, attention_mask, scaling, causal=causal))
         return out
 
     return vtc_attention
@@ -120,6 +122,8 @@ class Adapter:
         self._pending_visual: torch.Tensor | None = None
         self._fwd: Forward | None = None
         self._in_prepass = False
+        self._original_vision_attn: str | None = None
+        self._tower_valid: torch.Tensor | None = None
 
     # -- family-specific --------------------------------------------------------------------------
     def _find_parts(self) -> None:
@@ -215,17 +219,22 @@ class Adapter:
             self.text_config._attn_implementation = _register_attention(original)
             self._original_attn = original
             for i in pipeline.tap_layers:
-                _TAPS[self.attention_module(self.layers[i])] = self._tap_callback
+                _TAPS[self.attention_module(self.layers[i])] = (i, self._tap_callback)
+        self._install_vision(pipeline)
 
     def uninstall(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        for layer in self.layers:
+        for layer in [*self.layers, *(self.vision_encoder_layers() or [])]:
             _TAPS.pop(self.attention_module(layer), None)
         if self._original_attn is not None:
             self.text_config._attn_implementation = self._original_attn
             self._original_attn = None
+        if self._original_vision_attn is not None:
+            self.vision_tower.config._attn_implementation = self._original_vision_attn
+            self._original_vision_attn = None
+        self._tower_valid = None
         self._records = weakref.WeakKeyDictionary()
         self._fwd = None
         self._pending_visual = None
@@ -339,6 +348,82 @@ class Adapter:
             handle.remove()
         counts = self._fwd.state.num_tokens().tolist()
         self.stats.prepass_tokens_per_layer = [counts] * (last + 1)
+
+    # -- vision tower -----------------------------------------------------------------------------
+    def vision_encoder_layers(self) -> nn.ModuleList | None:
+        """The vision tower's transformer layers, where the family supports tower stages (else None)."""
+        return None
+
+    @property
+    def vision_grid(self) -> int:
+        """Patches per side of one image in the tower."""
+        raise NotImplementedError
+
+    @property
+    def vision_has_cls(self) -> bool:
+        return False
+
+    def _install_vision(self, pipeline: Pipeline) -> None:
+        layers = self.vision_encoder_layers()
+        if layers is None:
+            return
+        pipeline.bind_vision(len(layers))
+        if not (pipeline.vision_stage_layers or pipeline.vision_tap_layers):
+            return
+        self._hooks.append(self.vision_tower.register_forward_pre_hook(self._on_tower_start))
+        first = min(pipeline.vision_stage_layers, default=len(layers))
+        for i in range(first, len(layers)):
+            self._hooks.append(layers[i].register_forward_pre_hook(self._tower_layer_hook(i), with_kwargs=True))
+        if pipeline.vision_tap_layers:
+            config = self.vision_tower.config
+            original = config._attn_implementation or "eager"
+            config._attn_implementation = _register_attention(original)
+            self._original_vision_attn = original
+            for i in pipeline.vision_tap_layers:
+                _TAPS[self.attention_module(layers[i])] = (i, self._tower_tap)
+
+    def _on_tower_start(self, module: nn.Module, args: tuple) -> None:
+        self._tower_valid = None
+        self._pipeline.on_vision_start()
+
+    def _tower_layer_hook(self, i: int) -> Callable[..., tuple[tuple, dict]]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            hidden = args[0]
+            if self._tower_valid is None:
+                self._tower_valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            for method in self._pipeline.vision_stages_at(i):
+                ctx = VisionContext(i, hidden, self._tower_valid, self.vision_grid, self.vision_has_cls)
+                sel = method.vision_select(ctx)
+                if sel is None:
+                    continue
+                if sel.hidden is not None:
+                    hidden = sel.hidden
+                keep = sel.keep.clone()
+                if self.vision_has_cls:
+                    keep[:, 0] = True  # the CLS token is never dropped
+                self._tower_valid = self._tower_valid & keep
+            if bool(self._tower_valid.all()):
+                return (hidden, *args[1:]), kwargs
+            # Hidden tokens stop being keys: an additive mask on every later tower layer.
+            floor = torch.finfo(hidden.dtype).min
+            mask = torch.zeros(hidden.shape[0], 1, 1, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+            mask = mask.masked_fill(~self._tower_valid[:, None, None, :], floor)  # [N, 1, 1, T]
+            given = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+            mask = mask if given is None else given + mask
+            if len(args) > 1:
+                return (hidden, mask, *args[2:]), kwargs
+            return (hidden,), {**kwargs, "attention_mask": mask}
+
+        return hook
+
+    def _tower_tap(self, call: AttentionCall) -> None:
+        n, t = call.query.shape[0], call.query.shape[2]
+        valid = self._tower_valid if self._tower_valid is not None else torch.ones(n, t, dtype=torch.bool)
+        patches = torch.ones(n, t, dtype=torch.bool, device=valid.device)
+        if self.vision_has_cls:
+            patches[:, 0] = False
+        state = VisualTokenState.initial(patches, valid.to(patches.device))
+        self._pipeline.on_vision_attention(dataclasses.replace(call, state=state))
 
     # -- compaction -------------------------------------------------------------------------------
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -19,6 +19,7 @@ class LlavaAdapter(Adapter):
 
     name = "llava"
     model_types = ("llava",)
+    capabilities = frozenset({"attn_tap", "final_norm", "vision_stage", "vision_cls_attn"})
 
     def _find_parts(self) -> None:
         vlm = getattr(self.model, "model", None)
@@ -37,6 +38,19 @@ class LlavaAdapter(Adapter):
 
     def visual_token_ids(self) -> tuple[int, ...]:
         return (self.model.config.image_token_id,)
+
+    def vision_encoder_layers(self) -> nn.ModuleList:
+        tower = getattr(self.vision_tower, "vision_model", self.vision_tower)  # transformers 5 flattens it
+        return tower.encoder.layers
+
+    @property
+    def vision_grid(self) -> int:
+        v = self.model.config.vision_config
+        return v.image_size // v.patch_size
+
+    @property
+    def vision_has_cls(self) -> bool:
+        return True
 
     def visual_coords(self, visual: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Images in order of appearance, each a g x g grid of patches in raster order (CLS dropped)."""

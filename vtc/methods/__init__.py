@@ -1,8 +1,18 @@
 """The built-in methods. One file per method; each registers itself on import."""
 
-from vtc.methods import dart, gemfilter, sparsevlm  # noqa: F401  (registration)
+from vtc.methods import dart, gemfilter, mustdrop, sparsevlm  # noqa: F401  (registration)
 from vtc.methods.dart import DART, DARTConfig
 from vtc.methods.gemfilter import GemFilter, GemFilterConfig
+from vtc.methods.mustdrop import MustDrop, MustDropConfig
 from vtc.methods.sparsevlm import SparseVLM, SparseVLMConfig
 
-__all__ = ["DART", "DARTConfig", "GemFilter", "GemFilterConfig", "SparseVLM", "SparseVLMConfig"]
+__all__ = [
+    "DART",
+    "DARTConfig",
+    "GemFilter",
+    "GemFilterConfig",
+    "MustDrop",
+    "MustDropConfig",
+    "SparseVLM",
+    "SparseVLMConfig",
+]
