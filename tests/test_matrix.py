@@ -136,3 +136,25 @@ def test_runs_in_bf16_and_fp32(family, method, dtype):
         out = model(**inputs).logits
         assert out.dtype == dtype and torch.isfinite(out.float()).all()
         assert generate(model, inputs, n=3).shape == (2, 3)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_no_eager_attention_matrix_is_formed(family, spec, monkeypatch):
+    """Methods read attention through taps (attn_rows); the model keeps sdpa in every text and tower layer."""
+    import sys
+
+    model = tiny(family)
+    inputs, _ = batch_for(model, family)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{spec} made the model run eager attention")
+
+    modules = {sys.modules[type(m).__module__] for m in model.modules()}
+    for module in [m for m in modules if hasattr(m, "eager_attention_forward")]:
+        monkeypatch.setattr(module, "eager_attention_forward", refuse)
+    with pytest.raises(AssertionError, match="eager"), torch.no_grad():  # the guard does catch eager attention
+        tiny(family, attn="eager")(**inputs)
+    with vtc.apply(model, spec), torch.no_grad():
+        model(**inputs)
+        generate(model, inputs, n=2)
+        assert model.config.text_config._attn_implementation in ("sdpa", "vtc_sdpa")

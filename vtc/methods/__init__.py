@@ -1,7 +1,8 @@
 """The built-in methods. One file per method; each registers itself on import."""
 
-from vtc.methods import dart, gemfilter, mustdrop, sparsevlm  # noqa: F401  (registration)
+from vtc.methods import dart, focusllava, gemfilter, mustdrop, sparsevlm  # noqa: F401  (registration)
 from vtc.methods.dart import DART, DARTConfig
+from vtc.methods.focusllava import FocusLLaVA, FocusLLaVAConfig
 from vtc.methods.gemfilter import GemFilter, GemFilterConfig
 from vtc.methods.mustdrop import MustDrop, MustDropConfig
 from vtc.methods.sparsevlm import SparseVLM, SparseVLMConfig
@@ -9,6 +10,8 @@ from vtc.methods.sparsevlm import SparseVLM, SparseVLMConfig
 __all__ = [
     "DART",
     "DARTConfig",
+    "FocusLLaVA",
+    "FocusLLaVAConfig",
     "GemFilter",
     "GemFilterConfig",
     "MustDrop",

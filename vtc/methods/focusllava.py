@@ -1,0 +1,218 @@
+"""FocusLLaVA, training-free approximation (after Zhu et al., arXiv 2411.14228).
+
+FocusLLaVA trains two samplers with the model and published no code: a vision-guided sampler that
+gives low-information regions fewer tokens (choosing per region among pooled versions of the feature
+map), and a text-guided sampler that keeps the visual tokens the instruction attends to. vtc cannot
+reproduce the trained samplers. This method is a training-free stand-in, and its numbers are not the
+paper's:
+
+* vision-guided (at the LLM input): each 4 x 4 region of an image's token grid whose tokens are nearly
+  identical (mean pairwise cosine at least `redundancy`) becomes one token; otherwise each of its 2 x 2
+  windows that is redundant becomes one token; the rest stay as they are;
+* text-guided (after an LLM layer): the instruction's attention to each visual token (softmax rows of
+  that layer, mean over heads and instruction tokens) ranks them, and the top `keep` stay.
+
+Both are registered samplers (``SAMPLERS``); ``FocusLLaVAConfig.vision_sampler`` / ``text_sampler`` and
+``sampler_weights`` are where trained samplers would plug in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+
+from vtc import kernels
+from vtc.config import MethodConfig, check_fraction, check_int
+from vtc.errors import UnknownMethodError
+from vtc.method import (
+    AttentionCall,
+    HookPoint,
+    LayerContext,
+    Method,
+    Selection,
+    padded_positions,
+    realign,
+    register_method,
+    resolve_layer,
+)
+from vtc.methods.mustdrop import grid_windows, merge_windows
+from vtc.registry import Registry
+
+#: Samplers by name. A vision sampler maps (method, LayerContext) -> Selection at the LLM input; a text
+#: sampler maps (method, AttentionCall) -> [B, L] scores of the current slots (higher = keep).
+SAMPLERS: Registry[Callable[..., Any]] = Registry("sampler", UnknownMethodError)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FocusLLaVAConfig(MethodConfig):
+    """Settings of the training-free FocusLLaVA. ``keep`` or ``keep_ratio`` set the text-guided budget.
+
+    Attributes:
+        keep: visual tokens the text-guided sampler keeps per row (default 192).
+        keep_ratio: the same as a fraction of each row's visual tokens at the input.
+        layer: the text-guided sampler reads this layer's attention and prunes its output.
+        vision_sampler: registered vision-guided sampler, or None to skip the stage.
+        text_sampler: registered text-guided sampler, or None to skip the stage.
+        redundancy: a region or window merges when its mean pairwise cosine is at least this.
+        regions: region sides tried coarse to fine (4 then 2: a 4 x 4 region, else its 2 x 2 windows).
+        sampler_weights: a file of trained sampler weights; the training-free samplers take none.
+    """
+
+    exclusive = (("keep", "keep_ratio"),)
+
+    keep: int | None = None
+    keep_ratio: float | None = None
+    layer: int = 1
+    vision_sampler: str | None = "redundancy"
+    text_sampler: str | None = "attention"
+    redundancy: float = 0.9
+    regions: tuple[int, ...] = (4, 2)
+    sampler_weights: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.keep is not None and self.keep_ratio is not None:
+            raise ValueError("focusllava: set only one of keep, keep_ratio.")
+        if self.keep is None and self.keep_ratio is None:
+            object.__setattr__(self, "keep", 192)
+        check_int("focusllava", "keep", self.keep, 0, optional=True)
+        check_fraction("focusllava", "keep_ratio", self.keep_ratio, optional=True)
+        check_int("focusllava", "layer", self.layer, -10_000)
+        if not -1.0 <= self.redundancy <= 1.0:
+            raise ValueError(f"focusllava: redundancy is a cosine in [-1, 1]; got {self.redundancy!r}.")
+        if not self.regions or any(not isinstance(r, int) or r < 2 for r in self.regions):
+            raise ValueError(f"focusllava: regions are window sides of at least 2, coarse to fine; got {self.regions}.")
+        if list(self.regions) != sorted(self.regions, reverse=True):
+            raise ValueError(f"focusllava: regions go from coarse to fine (descending); got {self.regions}.")
+
+
+@SAMPLERS.decorator("redundancy")
+def redundancy_sampler(method: FocusLLaVA, ctx: LayerContext) -> Selection:
+    """Training-free vision-guided sampler: merge redundant regions, coarse sides first."""
+    state, c = ctx.state, method.config
+    hidden, keep = ctx.hidden.clone(), state.visual & state.valid
+    coarse, *finer = c.regions
+    for b in range(hidden.shape[0]):
+        coords = state.coords[b]
+        for image, frame in torch.unique(coords[keep[b]][:, :2], dim=0).tolist():
+            members = (keep[b] & (coords[:, 0] == image) & (coords[:, 1] == frame)).nonzero().flatten()
+            rows, cols = int(coords[members, 2].max()) + 1, int(coords[members, 3].max()) + 1
+            if len(members) != rows * cols:
+                continue  # not a full grid: nothing to regionalise
+            regions = members[grid_windows(rows, cols, coarse).to(members.device)]  # [R, coarse^2]
+            hidden[b], gone, score = merge_windows(hidden[b], regions, c.redundancy)
+            keep[b] &= ~gone
+            for side in finer:  # regions that did not merge whole: try their sub-windows
+                for region in regions[score < c.redundancy]:
+                    grid = region.view(coarse, coarse)
+                    windows = torch.stack([
+                        grid[r : r + side, q : q + side].flatten()
+                        for r in range(0, coarse - side + 1, side)
+                        for q in range(0, coarse - side + 1, side)
+                    ])  # fmt: skip
+                    hidden[b], gone, _ = merge_windows(hidden[b], windows, c.redundancy)
+                    keep[b] &= ~gone
+    return Selection(keep, hidden=hidden)
+
+
+@SAMPLERS.decorator("attention")
+def attention_sampler(method: FocusLLaVA, call: AttentionCall) -> torch.Tensor:
+    """Training-free text-guided sampler: the instruction's mean attention to each visual token."""
+    state = call.state
+    visual = state.visual & state.valid
+    instruction = ~state.visual & state.valid & (visual.long().cumsum(dim=1) > 0)
+    rows, row_valid = padded_positions(instruction)
+    columns, col_valid = padded_positions(visual)
+    scores = torch.zeros(state.index.shape, dtype=torch.float32, device=columns.device)
+    if rows.shape[1] and columns.shape[1]:
+        attn = call.rows(rows, columns, row_valid=row_valid)  # [B, S]: mean over heads and instruction rows
+        scores.scatter_(1, columns, attn * col_valid)
+    return scores
+
+
+@register_method
+class FocusLLaVA(Method):
+    """FocusLLaVA, training-free: a vision-guided merge at the LLM input, a text-guided top-k after a layer."""
+
+    name = "focusllava"
+    config_cls = FocusLLaVAConfig
+    hooks = frozenset({HookPoint.EMBEDS, HookPoint.LAYER, HookPoint.ATTENTION})
+    requires = frozenset({"attn_tap"})
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "r192": {"keep": 192},
+        "r128": {"keep": 128},
+        "r64": {"keep": 64},
+        "noop": {"keep_ratio": 1.0, "vision_sampler": None},
+    }
+
+    config: FocusLLaVAConfig
+
+    def __init__(self, config: FocusLLaVAConfig) -> None:
+        super().__init__(config)
+        self.vision = SAMPLERS.get(config.vision_sampler) if config.vision_sampler else None
+        self.text = SAMPLERS.get(config.text_sampler) if config.text_sampler else None
+        if config.sampler_weights is not None:
+            raise ValueError(
+                f"focusllava: the samplers {config.vision_sampler!r} / {config.text_sampler!r} are training-free "
+                f"and take no weights; register trained samplers in vtc.methods.focusllava.SAMPLERS and name them."
+            )
+        self._scores: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._initial_visual: torch.Tensor | None = None
+
+    @property
+    def fixed_counts(self) -> bool:  # type: ignore[override]
+        return self.vision is None  # redundancy merges depend on the input
+
+    def text_layer(self, num_layers: int) -> int:
+        layer = resolve_layer("focusllava", "layer", self.config.layer, num_layers)
+        if layer >= num_layers - 1:
+            raise ValueError(f"focusllava: the last layer ({num_layers - 1}) has no output left to prune.")
+        return layer
+
+    def bind(self, adapter) -> None:
+        super().bind(adapter)
+        self.text_layer(adapter.num_layers)
+
+    def prune_layers(self, num_layers: int) -> tuple[int, ...]:
+        text = (self.text_layer(num_layers) + 1,) if self.text else ()
+        return (0, *text)
+
+    def tap_layers(self, num_layers: int) -> tuple[int, ...]:
+        return (self.text_layer(num_layers),) if self.text else ()
+
+    def _targets(self, n_visual: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if c.keep is not None:
+            return torch.full_like(n_visual, c.keep)
+        return torch.floor(n_visual.double() * c.keep_ratio).long()
+
+    def plan(self, visual_per_layer: list[int], text_tokens: int) -> list[int]:
+        if self.vision is not None:
+            raise ValueError("focusllava's vision-guided merges depend on the input; measure with handle.stats.")
+        if self.text is None:
+            return list(visual_per_layer)
+        k = self.text_layer(len(visual_per_layer)) + 1
+        kept = min(int(self._targets(torch.tensor([visual_per_layer[0]]))[0]), visual_per_layer[k])
+        return visual_per_layer[:k] + [kept] * (len(visual_per_layer) - k)
+
+    def on_forward_start(self) -> None:
+        self._scores, self._initial_visual = None, None
+
+    def on_attention(self, call: AttentionCall) -> None:
+        self._scores = (self.text(self, call), call.state.index)
+
+    def select(self, ctx: LayerContext) -> Selection | torch.Tensor | None:
+        state = ctx.state
+        if ctx.layer_idx == 0:
+            self._initial_visual = (state.visual & state.valid).sum(dim=1)
+            return self.vision(self, ctx) if self.vision is not None else None
+        if self._scores is None:
+            return None
+        visual = state.visual & state.valid
+        scores = realign(*self._scores, state.index)
+        k = torch.minimum(self._targets(self._initial_visual), visual.sum(dim=1))
+        picks = kernels.topk_gather(scores, k, valid=visual)
+        return torch.zeros_like(visual).scatter(1, picks.indices, picks.mask) & visual
