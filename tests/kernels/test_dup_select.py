@@ -124,6 +124,17 @@ def test_triton_matches_reference(case):
     assert_equal(kernels.dup_select(feats, pivots, counts, pool, backend="triton"), expected, "picked")
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[6], CASES[7]], ids=lambda c: c.id)
+def test_triton_matches_reference_across_chunks(case, monkeypatch):
+    """Rows read in 16-element chunks: the pool state and the ties must carry from chunk to chunk."""
+    from vtc.kernels import _triton_select
+
+    monkeypatch.setattr(_triton_select, "MAX_CHUNK", 16)
+    feats, pivots, counts, pool = make_inputs(case)
+    expected = dup_select_reference(feats, pivots, counts, pool)
+    assert_equal(kernels.dup_select(feats, pivots, counts, pool, backend="triton"), expected, "picked")
+
+
 # -- on a GPU ---------------------------------------------------------------------------------------------
 
 GPU_CASES = [
