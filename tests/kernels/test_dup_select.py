@@ -129,6 +129,7 @@ def test_triton_matches_reference_across_chunks(case, monkeypatch):
     """Rows read in 16-element chunks: the pool state and the ties must carry from chunk to chunk."""
     from vtc.kernels import _triton_select
 
+    monkeypatch.setattr(_triton_select, "MAX_SINGLE", 8)
     monkeypatch.setattr(_triton_select, "MAX_CHUNK", 16)
     feats, pivots, counts, pool = make_inputs(case)
     expected = dup_select_reference(feats, pivots, counts, pool)

@@ -151,6 +151,7 @@ def test_triton_matches_reference_across_chunks(case, monkeypatch):
     """Rows read in 16-element chunks: ties and slots must carry from chunk to chunk."""
     from vtc.kernels import _triton_select
 
+    monkeypatch.setattr(_triton_select, "MAX_SINGLE", 8)
     monkeypatch.setattr(_triton_select, "MAX_CHUNK", 16)
     scores, k, tensors, valid = make_inputs(case)
     actual = kernels.topk_gather(scores, k, *tensors[:2], valid=valid, backend="triton")

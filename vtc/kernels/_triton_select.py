@@ -7,9 +7,9 @@ fit in. Instead we find the k-th best *value* by bisection on an integer key (at
 passes), then take everything better than it plus the first ties, and place the picks with a prefix
 sum. The picks come out in index order for free, and the result is exactly the stable sort's.
 
-The row is read in chunks of ``CHUNK`` elements on every pass (from L1 / L2 after the first), so any
-row length works without spilling registers: a 64k-token row would need the whole register file of
-an SM to stay resident.
+A row of up to ``MAX_SINGLE`` elements is loaded once and searched in registers. A longer one is read
+in chunks on every pass (from L1 / L2 after the first), so any row length works without spilling
+registers: a 64k-token row would need the whole register file of an SM to stay resident.
 """
 
 # ruff: noqa: N803  (Triton's convention: compile-time constexpr parameters are upper case)
@@ -22,7 +22,9 @@ import triton.language as tl
 # Globals a @triton.jit function reads must be constexpr.
 INT32_MIN = tl.constexpr(-(2**31))
 INT32_MAX = tl.constexpr(2**31 - 1)
-#: Largest chunk a program holds at once: 16 keys per thread with 4 warps, no spills (ptxas, sm_80 / sm_90).
+#: A row up to MAX_SINGLE elements stays in registers for the whole search; a longer one is read
+#: in MAX_CHUNK-element chunks. Both take 4 warps and fit without spills (ptxas, sm_80 / sm_90).
+MAX_SINGLE = 2048
 MAX_CHUNK = 2048
 
 
@@ -59,13 +61,23 @@ def row_keys(val_ptr, ok_ptr, stride_val, stride_ok, n, offs, NEGATE: tl.constex
 
 @triton.jit
 def top_threshold(
-    val_ptr, ok_ptr, stride_val, stride_ok, n, k, CHUNK: tl.constexpr, NEGATE: tl.constexpr, HAS_OK: tl.constexpr
+    val_ptr,
+    ok_ptr,
+    stride_val,
+    stride_ok,
+    n,
+    k,
+    CHUNK: tl.constexpr,
+    SINGLE: tl.constexpr,
+    NEGATE: tl.constexpr,
+    HAS_OK: tl.constexpr,
 ):
     """Where the `k` best candidates of a row end.
 
     One pass finds the candidates' count and key range; bisection then finds the largest key ``t`` with
     ``count(key >= t) >= k``, keeping ``count(key >= hi + 1)`` on the way, which is the count strictly
-    above the threshold once ``lo == hi``.
+    above the threshold once ``lo == hi``. A row that fits one chunk (``SINGLE``: ``n <= CHUNK``) is
+    loaded once and bisected in registers; a longer row is re-read chunk by chunk on every pass.
 
     Returns:
         ``(threshold, n_above, k)``: the int64 k-th best key, the int32 count of candidates strictly
@@ -84,12 +96,17 @@ def top_threshold(
     lo = tl.where(k >= 1, lo, INT32_MAX)  # k = 0: an empty search whose threshold no key passes
     hi = tl.where(k >= 1, hi, INT32_MIN)
     n_above = tl.full([], 0, tl.int32)
+    if SINGLE:
+        row_key, row_candidate = row_keys(val_ptr, ok_ptr, stride_val, stride_ok, n, offs, NEGATE, HAS_OK)
     while lo < hi:
         mid = (lo + hi + 1) >> 1  # arithmetic shift: a floor, unlike '//' on negative numbers
-        count = tl.full([], 0, tl.int32)
-        for start in range(0, n, CHUNK):
-            key, candidate = row_keys(val_ptr, ok_ptr, stride_val, stride_ok, n, start + offs, NEGATE, HAS_OK)
-            count += tl.sum((candidate & (key >= mid)).to(tl.int32), axis=0)
+        if SINGLE:  # the row is in registers: no memory traffic in the loop
+            count = tl.sum((row_candidate & (row_key >= mid)).to(tl.int32), axis=0)
+        else:
+            count = tl.full([], 0, tl.int32)
+            for start in range(0, n, CHUNK):
+                key, candidate = row_keys(val_ptr, ok_ptr, stride_val, stride_ok, n, start + offs, NEGATE, HAS_OK)
+                count += tl.sum((candidate & (key >= mid)).to(tl.int32), axis=0)
         enough = count >= k
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid - 1)
@@ -114,9 +131,14 @@ def take_chunk(key, candidate, threshold, n_above, k, ties_before):
     return tl.where(k >= 1, take, False), tl.sum(tie, axis=0)
 
 
-def chunk_for(n: int) -> tuple[int, int]:
-    """``(CHUNK, num_warps)`` for a row of `n` elements: one chunk if it fits, at most 16 keys per thread."""
-    return min(triton.next_power_of_2(max(int(n), 1)), MAX_CHUNK), 4
+def chunk_for(n: int) -> tuple[int, bool, int]:
+    """``(CHUNK, SINGLE, num_warps)`` for a row of `n` elements.
+
+    One chunk, kept in registers, up to ``MAX_SINGLE`` elements; else ``MAX_CHUNK``-element chunks. At
+    most 16 keys per thread either way.
+    """
+    chunk = triton.next_power_of_2(max(int(n), 1))
+    return (chunk, True, 4) if chunk <= MAX_SINGLE else (MAX_CHUNK, False, 4)
 
 
 def next_pow2(n: int) -> int:

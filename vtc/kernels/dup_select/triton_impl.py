@@ -110,6 +110,7 @@ def _pick_kernel(
     stride_ob,
     stride_on,
     CHUNK: tl.constexpr,
+    SINGLE: tl.constexpr,
 ):
     """One row: for each pivot in order, pick its count of least-similar tokens still available.
 
@@ -132,7 +133,7 @@ def _pick_kernel(
         want = tl.minimum(tl.maximum(want, 0), n).to(tl.int32)
         # Least similar first = largest -sim; negation is exact, and ties still go to the lower index.
         threshold, n_above, want = top_threshold(
-            sims_row, avail_ptr, stride_sn, stride_an, n, want, CHUNK, NEGATE=True, HAS_OK=True
+            sims_row, avail_ptr, stride_sn, stride_an, n, want, CHUNK, SINGLE, NEGATE=True, HAS_OK=True
         )
         ties = tl.full([], 0, tl.int32)
         for start in range(0, n, CHUNK):
@@ -171,13 +172,13 @@ def dup_select_triton(
         PIV_P=max(16, next_pow2(n_piv)), TOK_BLOCK=tok_block, DIM_BLOCK=min(64, max(16, next_pow2(dim))),
         UPCAST=upcast, PRECISION="ieee" if (feats.dtype == torch.float32 or upcast) else "tf32", num_warps=4,
     )  # fmt: skip
-    chunk, warps = chunk_for(n)
+    chunk, single, warps = chunk_for(n)
     pool_bytes = pool.view(torch.uint8)
     avail = torch.empty(batch, n, dtype=torch.uint8, device=feats.device)  # [B, N] scratch: pool minus picks
     out = picked.view(torch.uint8)
     _pick_kernel[(batch,)](
         sims, counts, pool_bytes, avail, out, n, n_piv,
         *sims.stride(), *counts.stride(), *pool_bytes.stride(), *avail.stride(), *out.stride(),
-        CHUNK=chunk, num_warps=warps,
+        CHUNK=chunk, SINGLE=single, num_warps=warps,
     )  # fmt: skip
     return picked

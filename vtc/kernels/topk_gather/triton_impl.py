@@ -47,6 +47,7 @@ def _select_kernel(
     stride_ib,
     stride_mb,
     CHUNK: tl.constexpr,
+    SINGLE: tl.constexpr,
     HAS_VALID: tl.constexpr,
     K_PER_ROW: tl.constexpr,
 ):
@@ -57,7 +58,7 @@ def _select_kernel(
     k = tl.load(k_ptr + row * stride_k).to(tl.int64) if K_PER_ROW else tl.full([], k_scalar, tl.int64)
     k = tl.minimum(tl.maximum(k, 0), k_cap).to(tl.int32)
     threshold, n_above, k = top_threshold(
-        scores_ptr, valid_ptr, stride_sn, stride_vn, n, k, CHUNK, NEGATE=False, HAS_OK=HAS_VALID
+        scores_ptr, valid_ptr, stride_sn, stride_vn, n, k, CHUNK, SINGLE, NEGATE=False, HAS_OK=HAS_VALID
     )
     offs = tl.arange(0, CHUNK)
     ties = tl.full([], 0, tl.int32)
@@ -189,7 +190,7 @@ def topk_gather_triton(
     mask = torch.empty(batch, k_cap, dtype=torch.bool, device=device)
     counts = torch.zeros(batch, dtype=torch.int32, device=device)
     if batch and k_cap:
-        chunk, warps = chunk_for(n)
+        chunk, single, warps = chunk_for(n)
         _select_kernel[(batch,)](
             scores,
             valid.view(torch.uint8) if valid is not None else scores,
@@ -208,6 +209,7 @@ def topk_gather_triton(
             indices.stride(0),
             mask.stride(0),
             CHUNK=chunk,
+            SINGLE=single,
             HAS_VALID=valid is not None,
             K_PER_ROW=per_row,
             num_warps=warps,
