@@ -183,8 +183,7 @@ def test_gpu_auto_picks_triton_for_cuda_tensors():
     device = cuda_device()
     with kernels.record() as rec:
         kernels.topk_gather(torch.randn(2, 9, device=device), 3)
+    assert rec == {"topk_gather": "triton"}
+    with kernels.record() as rec:
         kernels.topk_gather(torch.randn(2, 9), 3)  # CPU tensors still take the reference
     assert rec == {"topk_gather": "torch"}
-    with kernels.record() as rec:
-        kernels.topk_gather(torch.randn(2, 9, device=device), 3)
-    assert rec == {"topk_gather": "triton"}
