@@ -79,15 +79,15 @@ def choose(
     per SM, keeping at least four key blocks per split so the partials stay few.
     """
     c = config or Config()
-    wide = dtype == torch.float32
+    fp32 = dtype == torch.float32
     group_p = next_pow2(group)
-    key_block = c.key_block or (32 if INTERPRETED else 16 if wide else 64)
-    pairs = 16 if wide else 64  # (query head, row) pairs per pass-1 program
+    key_block = c.key_block or (32 if INTERPRETED else 16 if fp32 else 64)
+    pairs = 16 if fp32 else 64  # (query head, row) pairs per pass-1 program
     row_block = c.row_block or max(min(next_pow2(rows), max(1, pairs // group_p)), -(-16 // group_p))
     programs = batch * hkv * triton.cdiv(rows, row_block)
     max_splits = max(1, triton.cdiv(lk, 4 * key_block))
     splits = c.splits or min(max_splits, max(1, triton.cdiv(2 * _sm_count(device), programs)), 128)
-    if INTERPRETED or wide:
+    if INTERPRETED or fp32:
         col_block, out_row_block = c.col_block or 16, c.out_row_block or 16
     else:
         col_block = c.col_block or (64 if batch * triton.cdiv(cols, 64) >= 2 * _sm_count(device) else 32)
