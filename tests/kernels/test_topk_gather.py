@@ -146,6 +146,18 @@ def test_triton_matches_reference(case):
     check_same(actual, topk_gather_reference(scores, k, *tensors[:n_tensors], valid=valid))
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if 1 < c.n < 100][::2], ids=lambda c: c.id)
+def test_triton_matches_reference_across_chunks(case, monkeypatch):
+    """Rows read in 16-element chunks: ties and slots must carry from chunk to chunk."""
+    from vtc.kernels import _triton_select
+
+    monkeypatch.setattr(_triton_select, "MAX_SINGLE", 8)
+    monkeypatch.setattr(_triton_select, "MAX_CHUNK", 16)
+    scores, k, tensors, valid = make_inputs(case)
+    actual = kernels.topk_gather(scores, k, *tensors[:2], valid=valid, backend="triton")
+    check_same(actual, topk_gather_reference(scores, k, *tensors[:2], valid=valid))
+
+
 def test_triton_without_tensors_and_empty_batch():
     scores = torch.randn(0, 7)
     check_same(kernels.topk_gather(scores, 3, backend="triton"), topk_gather_reference(scores, 3))

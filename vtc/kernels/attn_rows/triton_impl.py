@@ -22,6 +22,7 @@ fp32; products accumulate in fp32 (fp32 inputs use IEEE fp32 products, not TF32)
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -59,29 +60,38 @@ class Config:
     out_row_block: int | None = None
 
 
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the interpreter: a few programs, but more than one split so the combine path runs
 
 
-def choose(config: Config | None, batch: int, hkv: int, group: int, rows: int, lk: int, cols: int, device) -> Config:
+def choose(
+    config: Config | None, batch: int, hkv: int, group: int, rows: int, lk: int, cols: int, dtype, device
+) -> Config:
     """Fill a ``Config``'s unset fields for these shapes.
 
-    ``tl.dot`` needs every block dimension >= 16 on a GPU, so row blocks are padded up to that (wasted
-    lanes cost little: the kernels are bound by reading K). Pass 1 splits keys until there are about
-    two programs per SM, but keeps at least four key blocks per split so the partials stay few.
+    ``tl.dot`` wants every block dimension >= 16, so row blocks are padded up to that (wasted lanes
+    cost little: the kernels are bound by reading K). fp16 / bf16 take large tiles (tensor cores);
+    fp32 takes 16-wide ones, because its IEEE products run on FMA units and larger tiles spill
+    registers (checked with ptxas for sm_90). Pass 1 splits keys until there are about two programs
+    per SM, keeping at least four key blocks per split so the partials stay few.
     """
     c = config or Config()
+    fp32 = dtype == torch.float32
     group_p = next_pow2(group)
-    key_block = c.key_block or (32 if INTERPRETED else 64)
-    # About 128 (head, row) pairs per pass-1 program, and at least 16 for tl.dot.
-    row_block = c.row_block or max(min(next_pow2(rows), max(1, 128 // group_p)), -(-16 // group_p))
+    key_block = c.key_block or (32 if INTERPRETED else 16 if fp32 else 64)
+    pairs = 16 if fp32 else 64  # (query head, row) pairs per pass-1 program
+    row_block = c.row_block or max(min(next_pow2(rows), max(1, pairs // group_p)), -(-16 // group_p))
     programs = batch * hkv * triton.cdiv(rows, row_block)
     max_splits = max(1, triton.cdiv(lk, 4 * key_block))
     splits = c.splits or min(max_splits, max(1, triton.cdiv(2 * _sm_count(device), programs)), 128)
-    col_block = c.col_block or (16 if INTERPRETED else 64 if batch * triton.cdiv(cols, 64) >= 128 else 32)
-    out_row_block = c.out_row_block or max(16, min(next_pow2(rows), 64))
+    if INTERPRETED or fp32:
+        col_block, out_row_block = c.col_block or 16, c.out_row_block or 16
+    else:
+        col_block = c.col_block or (64 if batch * triton.cdiv(cols, 64) >= 2 * _sm_count(device) else 32)
+        out_row_block = c.out_row_block or max(16, min(next_pow2(rows), 64))
     return Config(splits, key_block, row_block, col_block, out_row_block)
 
 
@@ -180,6 +190,7 @@ def _row_stats_kernel(
 @triton.jit
 def _probs_block(
     q_ptr,
+    k_ptr,
     m_ptr,
     l_ptr,
     b,
@@ -189,7 +200,6 @@ def _probs_block(
     limit,
     cols,
     col_ok,
-    k_cols,
     rows,
     hq,
     splits,
@@ -198,22 +208,34 @@ def _probs_block(
     stride_qh,
     stride_qr,
     stride_qd,
-    OUT_ROW_BLOCK: tl.constexpr,
+    stride_kb,
+    stride_kh,
+    stride_kl,
+    stride_kd,
+    GROUP: tl.constexpr,
     SPLITS_P: tl.constexpr,
     DIM: tl.constexpr,
     DIM_P: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """``[OUT_ROW_BLOCK, COL_BLOCK]`` probabilities of rows `r` of one head at the columns `cols`."""
+    """``[rows, COL_BLOCK]`` probabilities of rows `r` of query head `head` at the columns `cols`."""
     offs_d = tl.arange(0, DIM_P)
+    d_ok = offs_d < DIM
     q = tl.load(
         q_ptr + b * stride_qb + head * stride_qh + r[:, None] * stride_qr + offs_d[None, :] * stride_qd,
-        mask=row_ok[:, None] & (offs_d[None, :] < DIM),
+        mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )  # [OUT_ROW_BLOCK, DIM_P]
+    # The columns' keys, from the KV head this query head reads (L2-resident after the first head).
+    k_cols = tl.load(
+        k_ptr + b * stride_kb + (head // GROUP) * stride_kh + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+        mask=col_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [COL_BLOCK, DIM_P]
     if UPCAST:
         q = q.to(tl.float32)
+        k_cols = k_cols.to(tl.float32)
     s = tl.dot(q, tl.trans(k_cols), input_precision=PRECISION) * qk_scale  # [OUT_ROW_BLOCK, COL_BLOCK]
     # Combine the pass-1 partials of each row into its maximum and normaliser.
     offs_s = tl.arange(0, SPLITS_P)
@@ -322,16 +344,8 @@ def _probs_kernel(
     col_ok = (cols >= 0) & (cols < lk)  # a column outside [0, Lk) reads 0
     if HAS_KV_VALID:
         col_ok = col_ok & (tl.load(kvv_ptr + b * stride_vb + cols * stride_vl, mask=col_ok, other=0) != 0)
-    offs_d = tl.arange(0, DIM_P)
-    k_mask = col_ok[:, None] & (offs_d[None, :] < DIM)
-    k_offs = cols[:, None] * stride_kl + offs_d[None, :] * stride_kd  # [COL_BLOCK, DIM_P]
-
     if HEAD_MODE == 2:
         for head in range(0, hq):
-            kv_head = head // GROUP
-            k_cols = tl.load(k_ptr + b * stride_kb + kv_head * stride_kh + k_offs, mask=k_mask, other=0.0)
-            if UPCAST:
-                k_cols = k_cols.to(tl.float32)
             acc = tl.zeros([COL_BLOCK], tl.float32)
             for row0 in range(0, rows, OUT_ROW_BLOCK):
                 r = row0 + tl.arange(0, OUT_ROW_BLOCK)
@@ -339,9 +353,9 @@ def _probs_kernel(
                 limit = _row_limit(pos_ptr, b, r, row_ok, lk, stride_pb, stride_pr, HAS_POS)
                 w = _row_weight(w_ptr, b, r, row_ok, rows, stride_wb, stride_wr, HAS_WEIGHTS, ROW_MODE)
                 p = _probs_block(
-                    q_ptr, m_ptr, l_ptr, b, head, r, row_ok, limit, cols, col_ok, k_cols,
-                    rows, hq, splits, qk_scale, stride_qb, stride_qh, stride_qr, stride_qd,
-                    OUT_ROW_BLOCK, SPLITS_P, DIM, DIM_P, UPCAST, PRECISION,
+                    q_ptr, k_ptr, m_ptr, l_ptr, b, head, r, row_ok, limit, cols, col_ok, rows, hq, splits, qk_scale,
+                    stride_qb, stride_qh, stride_qr, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
+                    GROUP, SPLITS_P, DIM, DIM_P, UPCAST, PRECISION,
                 )  # fmt: skip
                 if ROW_MODE == 2:
                     dst = out_ptr + b * stride_ob + head * stride_oh + r[:, None] * stride_or
@@ -359,14 +373,10 @@ def _probs_kernel(
             w = _row_weight(w_ptr, b, r, row_ok, rows, stride_wb, stride_wr, HAS_WEIGHTS, ROW_MODE)
             heads = tl.zeros([OUT_ROW_BLOCK, COL_BLOCK], tl.float32)
             for head in range(0, hq):
-                kv_head = head // GROUP
-                k_cols = tl.load(k_ptr + b * stride_kb + kv_head * stride_kh + k_offs, mask=k_mask, other=0.0)
-                if UPCAST:
-                    k_cols = k_cols.to(tl.float32)
                 p = _probs_block(
-                    q_ptr, m_ptr, l_ptr, b, head, r, row_ok, limit, cols, col_ok, k_cols,
-                    rows, hq, splits, qk_scale, stride_qb, stride_qh, stride_qr, stride_qd,
-                    OUT_ROW_BLOCK, SPLITS_P, DIM, DIM_P, UPCAST, PRECISION,
+                    q_ptr, k_ptr, m_ptr, l_ptr, b, head, r, row_ok, limit, cols, col_ok, rows, hq, splits, qk_scale,
+                    stride_qb, stride_qh, stride_qr, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
+                    GROUP, SPLITS_P, DIM, DIM_P, UPCAST, PRECISION,
                 )  # fmt: skip
                 if HEAD_MODE == 0:
                     heads += p
@@ -415,7 +425,7 @@ def attn_rows_triton(
     if dim > MAX_HEAD_DIM or group > MAX_GROUP:
         raise ValueError(f"attn_rows: the Triton kernel takes head dims <= {MAX_HEAD_DIM}, groups <= {MAX_GROUP}.")
     n_cols = lk if columns is None else columns.shape[1]
-    c = choose(config, batch, hkv, group, rows, lk, n_cols, q_rows.device)
+    c = choose(config, batch, hkv, group, rows, lk, n_cols, q_rows.dtype, q_rows.device)
     dim_p = max(16, next_pow2(dim))
     keys_per_split = triton.cdiv(triton.cdiv(lk, c.splits), c.key_block) * c.key_block
     splits = triton.cdiv(lk, keys_per_split)  # rounding to key blocks may leave fewer splits
@@ -429,6 +439,7 @@ def attn_rows_triton(
     m_part = torch.empty(batch, hq, rows, splits, dtype=torch.float32, device=q_rows.device)
     l_part = torch.empty_like(m_part)
     stats_grid = (batch * hkv, triton.cdiv(rows, c.row_block), splits)
+    stats_warps = 8 if next_pow2(group) * c.row_block * c.key_block > 4096 else 4  # the [G x R, keys] logits
     _row_stats_kernel[stats_grid](
         q_rows, k, pos, kvv, m_part, l_part,
         rows, lk, hkv, keys_per_split, splits, qk_scale,
@@ -437,7 +448,7 @@ def attn_rows_triton(
         kvv.stride(0) if kv_valid is not None else 0, kvv.stride(1) if kv_valid is not None else 0,
         GROUP=group, GROUP_P=next_pow2(group), ROW_BLOCK=c.row_block, KEY_BLOCK=c.key_block,
         DIM=dim, DIM_P=dim_p, HAS_POS=q_pos is not None, HAS_KV_VALID=kv_valid is not None,
-        UPCAST=upcast, PRECISION=precision, num_warps=4,
+        UPCAST=upcast, PRECISION=precision, num_warps=stats_warps,
     )  # fmt: skip
 
     keep_heads, keep_rows = head_reduce == "none", row_reduce == "none"
@@ -449,6 +460,8 @@ def attn_rows_triton(
     has_weights = row_valid is not None or row_reduce == "sum"
     weights = row_weights(row_valid, rows, row_reduce, q_rows) if has_weights else dummy  # [B, R] fp32
     cols = columns if columns is not None else dummy
+    # 8 warps for large [rows, columns] blocks, and for fp32, whose FMA dot spills registers with 4 (ptxas).
+    probs_warps = 8 if c.out_row_block * c.col_block >= 4096 or q_rows.dtype == torch.float32 else 4
     if n_cols:
         _probs_kernel[(triton.cdiv(n_cols, c.col_block), batch)](
             q_rows, k, m_part, l_part, pos, kvv, cols, weights, out,
@@ -462,6 +475,6 @@ def attn_rows_triton(
             GROUP=group, COL_BLOCK=c.col_block, OUT_ROW_BLOCK=c.out_row_block, SPLITS_P=max(2, next_pow2(splits)),
             DIM=dim, DIM_P=dim_p, HEAD_MODE=_HEAD_MODE[head_reduce], ROW_MODE=_ROW_MODE[row_reduce],
             HAS_POS=q_pos is not None, HAS_KV_VALID=kv_valid is not None, HAS_COLS=columns is not None,
-            HAS_WEIGHTS=has_weights, UPCAST=upcast, PRECISION=precision, num_warps=4,
+            HAS_WEIGHTS=has_weights, UPCAST=upcast, PRECISION=precision, num_warps=probs_warps,
         )  # fmt: skip
     return out

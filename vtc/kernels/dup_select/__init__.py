@@ -10,7 +10,6 @@ from vtc.kernels.dup_select.reference import check_dup_select_args, dup_select_r
 _TRITON = "vtc.kernels.dup_select.triton_impl"
 #: Mirror ``triton_impl``'s limits without importing triton.
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_N = 65536
 MAX_PIVOTS = 64
 
 
@@ -23,8 +22,6 @@ def supports_triton(
         return (
             f"feats and pivots must share one dtype of {', '.join(map(str, DTYPES))}; got {feats.dtype}, {pivots.dtype}"
         )
-    if feats.shape[1] > MAX_N:
-        return f"rows longer than {MAX_N} tokens do not fit the pick kernel's registers (got {feats.shape[1]})"
     if pivots.shape[1] > MAX_PIVOTS:
         return f"more than {MAX_PIVOTS} pivots (got {pivots.shape[1]})"
     return dispatch.triton_problem(_TRITON, feats, pivots, counts, pool)

@@ -6,8 +6,8 @@ sequential in the pivots and need a whole row at a time, which is one program pe
 kernel would either read the features from a single SM per row or need a grid-wide barrier that
 Triton does not offer. The ``[B, P, N]`` fp32 similarities between the two are small (P pivots).
 
-The second kernel keeps a row's pool in registers across all pivots, so the pivot loop is a chain of
-exact stable selections (``vtc.kernels._triton_select``) with no global read-modify-write.
+The second kernel runs the pivots in order as a chain of exact stable selections
+(``vtc.kernels._triton_select``) over the row's remaining pool, which it keeps in a uint8 scratch row.
 """
 
 # ruff: noqa: N803  (Triton's convention: compile-time constexpr parameters are upper case)
@@ -18,15 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
-from vtc.kernels._triton_select import next_pow2, num_warps_for, order_key, take_top
+from vtc.kernels._triton_select import chunk_for, next_pow2, row_keys, take_chunk, top_threshold
 from vtc.kernels.dispatch import interpreting
 from vtc.kernels.dup_select.reference import check_dup_select_args
 
 #: Whether these kernels were defined for the interpreter (``TRITON_INTERPRET`` is read at definition).
 INTERPRETED = interpreting()
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: Longest pool row the pick kernel holds in registers, and most pivots per row.
-MAX_N = 65536
+#: Most pivots per row (the similarity kernel holds all of them in one block).
 MAX_PIVOTS = 64
 
 
@@ -95,6 +94,7 @@ def _pick_kernel(
     sims_ptr,
     counts_ptr,
     pool_ptr,
+    avail_ptr,
     out_ptr,
     n,
     n_piv,
@@ -105,25 +105,44 @@ def _pick_kernel(
     stride_cp,
     stride_pb,
     stride_pn,
+    stride_ab,
+    stride_an,
     stride_ob,
     stride_on,
-    BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
+    SINGLE: tl.constexpr,
 ):
-    """One row: for each pivot in order, pick its count of least-similar tokens still in the pool."""
+    """One row: for each pivot in order, pick its count of least-similar tokens still available.
+
+    ``avail`` (uint8 scratch, the pool minus the picks so far) and ``out`` (the picks, zeroed by the
+    caller) carry the state from pivot to pivot; a barrier after each pivot makes its writes visible to
+    every thread before the next one counts.
+    """
     b = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    inside = offs < n
-    available = inside & (tl.load(pool_ptr + b * stride_pb + offs * stride_pn, mask=inside, other=0) != 0)
-    picked = offs < 0  # all False
+    avail_ptr += b * stride_ab
+    out_ptr += b * stride_ob
+    offs = tl.arange(0, CHUNK)
+    for start in range(0, n, CHUNK):
+        inside = start + offs < n
+        in_pool = tl.load(pool_ptr + b * stride_pb + (start + offs) * stride_pn, mask=inside, other=0)
+        tl.store(avail_ptr + (start + offs) * stride_an, (in_pool != 0).to(tl.uint8), mask=inside)
+    tl.debug_barrier()
     for j in range(0, n_piv):
-        sim = tl.load(sims_ptr + b * stride_sb + j * stride_sp + offs * stride_sn, mask=inside, other=0.0)
+        sims_row = sims_ptr + b * stride_sb + j * stride_sp
         want = tl.load(counts_ptr + b * stride_cb + j * stride_cp).to(tl.int64)
-        want = tl.minimum(tl.maximum(want, 0), tl.sum(available.to(tl.int64), axis=0)).to(tl.int32)
+        want = tl.minimum(tl.maximum(want, 0), n).to(tl.int32)
         # Least similar first = largest -sim; negation is exact, and ties still go to the lower index.
-        take = take_top(order_key(-sim), available, want)
-        picked = picked | take
-        available = available & ~take
-    tl.store(out_ptr + b * stride_ob + offs * stride_on, picked.to(tl.uint8), mask=inside)
+        threshold, n_above, want = top_threshold(
+            sims_row, avail_ptr, stride_sn, stride_an, n, want, CHUNK, SINGLE, NEGATE=True, HAS_OK=True
+        )
+        ties = tl.full([], 0, tl.int32)
+        for start in range(0, n, CHUNK):
+            key, candidate = row_keys(sims_row, avail_ptr, stride_sn, stride_an, n, start + offs, True, True)
+            take, chunk_ties = take_chunk(key, candidate, threshold, n_above, want, ties)
+            tl.store(out_ptr + (start + offs) * stride_on, tl.full([CHUNK], 1, tl.uint8), mask=take)
+            tl.store(avail_ptr + (start + offs) * stride_an, tl.zeros([CHUNK], tl.uint8), mask=take)
+            ties += chunk_ties
+        tl.debug_barrier()
 
 
 def dup_select_triton(
@@ -139,8 +158,8 @@ def dup_select_triton(
     n_piv = pivots.shape[1]
     if feats.dtype not in DTYPES or pivots.dtype != feats.dtype:
         raise ValueError(f"dup_select: the Triton kernel takes feats and pivots of one dtype in {DTYPES}.")
-    if n > MAX_N or n_piv > MAX_PIVOTS:
-        raise ValueError(f"dup_select: the Triton kernel takes at most {MAX_N} tokens and {MAX_PIVOTS} pivots.")
+    if n_piv > MAX_PIVOTS:
+        raise ValueError(f"dup_select: the Triton kernel takes at most {MAX_PIVOTS} pivots.")
     picked = torch.zeros(batch, n, dtype=torch.bool, device=feats.device)
     if batch == 0 or n == 0 or n_piv == 0:
         return picked
@@ -153,12 +172,13 @@ def dup_select_triton(
         PIV_P=max(16, next_pow2(n_piv)), TOK_BLOCK=tok_block, DIM_BLOCK=min(64, max(16, next_pow2(dim))),
         UPCAST=upcast, PRECISION="ieee" if (feats.dtype == torch.float32 or upcast) else "tf32", num_warps=4,
     )  # fmt: skip
-    block = next_pow2(n)
+    chunk, single, warps = chunk_for(n)
     pool_bytes = pool.view(torch.uint8)
+    avail = torch.empty(batch, n, dtype=torch.uint8, device=feats.device)  # [B, N] scratch: pool minus picks
     out = picked.view(torch.uint8)
     _pick_kernel[(batch,)](
-        sims, counts, pool_bytes, out, n, n_piv,
-        *sims.stride(), *counts.stride(), *pool_bytes.stride(), *out.stride(),
-        BLOCK=block, num_warps=num_warps_for(block),
+        sims, counts, pool_bytes, avail, out, n, n_piv,
+        *sims.stride(), *counts.stride(), *pool_bytes.stride(), *avail.stride(), *out.stride(),
+        CHUNK=chunk, SINGLE=single, num_warps=warps,
     )  # fmt: skip
     return picked

@@ -8,8 +8,6 @@ from vtc.kernels import dispatch
 from vtc.kernels.topk_gather.reference import TopK, check_topk_args, topk_gather_reference
 
 _TRITON = "vtc.kernels.topk_gather.triton_impl"
-#: Mirrors ``triton_impl.MAX_N`` without importing triton.
-MAX_N = 65536
 
 
 def supports_triton(
@@ -17,8 +15,6 @@ def supports_triton(
 ) -> str | None:
     """None when the Triton kernel can run this call, else why not (imports triton only if it may run)."""
     check_topk_args(scores, k, tensors, valid)
-    if scores.shape[1] > MAX_N:
-        return f"rows longer than {MAX_N} tokens do not fit the select kernel's registers (got {scores.shape[1]})"
     for i, t in enumerate(tensors):
         if t.is_complex() or t.element_size() not in (1, 2, 4, 8):
             return f"tensors[{i}] has dtype {t.dtype}, which the gather cannot copy as words"

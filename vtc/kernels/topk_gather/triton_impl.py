@@ -1,7 +1,7 @@
 """Triton ``topk_gather``: one program per row selects the picks, then one launch gathers every tensor.
 
 Selection needs a whole row (the k-th best value depends on all of it), so it runs one program per
-row with the row in registers (see ``vtc.kernels._triton_select``). The gather is pure data movement
+row that reads the row in chunks (see ``vtc.kernels._triton_select``). The gather is pure data movement
 and needs the whole GPU's bandwidth, so it is a second launch over (pick, chunk) pairs that copies
 every tensor's row at once: the index is read once and the tensors need not share a dtype, because
 rows are copied as raw words of their element size.
@@ -15,14 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from vtc.kernels._triton_select import next_pow2, num_warps_for, order_key, take_top
+from vtc.kernels._triton_select import chunk_for, next_pow2, row_keys, take_chunk, top_threshold
 from vtc.kernels.dispatch import interpreting
 from vtc.kernels.topk_gather.reference import TopK, check_topk_args
 
 #: Whether these kernels were defined for the interpreter (``TRITON_INTERPRET`` is read at definition).
 INTERPRETED = interpreting()
-#: Longest row the select kernel holds in registers (16 warps x 128 keys per thread).
-MAX_N = 65536
 #: Tensors copied per gather launch; more run in further launches.
 TENSORS_PER_LAUNCH = 4
 #: Raw word type of each element size: the gather copies bits, whatever the dtype.
@@ -48,30 +46,35 @@ def _select_kernel(
     stride_k,
     stride_ib,
     stride_mb,
-    BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
+    SINGLE: tl.constexpr,
     HAS_VALID: tl.constexpr,
     K_PER_ROW: tl.constexpr,
 ):
     """One row: write its picks' positions ascending into slots ``0..k-1``, then clear slots ``k..k_cap-1``."""
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    inside = offs < n
-    # Upcast before any arithmetic (bf16 math is also wrong in the interpreter); fp32 holds fp16/bf16 exactly.
-    x = tl.load(scores_ptr + row * stride_sb + offs * stride_sn, mask=inside, other=0.0).to(tl.float32)
-    candidate = inside
-    if HAS_VALID:
-        candidate = candidate & (tl.load(valid_ptr + row * stride_vb + offs * stride_vn, mask=inside, other=0) != 0)
+    scores_ptr += row * stride_sb
+    valid_ptr += row * stride_vb
     k = tl.load(k_ptr + row * stride_k).to(tl.int64) if K_PER_ROW else tl.full([], k_scalar, tl.int64)
     k = tl.minimum(tl.maximum(k, 0), k_cap).to(tl.int32)
-    k = tl.minimum(k, tl.sum(candidate.to(tl.int32), axis=0))
-
-    take = take_top(order_key(x), candidate, k)
-    slot = tl.cumsum(take.to(tl.int32), axis=0) - take.to(tl.int32)  # picks before this position
-    tl.store(idx_ptr + row * stride_ib + slot, offs.to(tl.int64), mask=take)
-    tl.store(mask_ptr + row * stride_mb + slot, tl.full([BLOCK], 1, tl.uint8), mask=take)
-    empty = (offs >= k) & (offs < k_cap)
-    tl.store(idx_ptr + row * stride_ib + offs, tl.zeros([BLOCK], tl.int64), mask=empty)
-    tl.store(mask_ptr + row * stride_mb + offs, tl.zeros([BLOCK], tl.uint8), mask=empty)
+    threshold, n_above, k = top_threshold(
+        scores_ptr, valid_ptr, stride_sn, stride_vn, n, k, CHUNK, SINGLE, NEGATE=False, HAS_OK=HAS_VALID
+    )
+    offs = tl.arange(0, CHUNK)
+    ties = tl.full([], 0, tl.int32)
+    slots = tl.full([], 0, tl.int32)
+    for start in range(0, n, CHUNK):
+        key, candidate = row_keys(scores_ptr, valid_ptr, stride_sn, stride_vn, n, start + offs, False, HAS_VALID)
+        take, chunk_ties = take_chunk(key, candidate, threshold, n_above, k, ties)
+        slot = slots + tl.cumsum(take.to(tl.int32), axis=0) - take.to(tl.int32)  # picks before this position
+        tl.store(idx_ptr + row * stride_ib + slot, (start + offs).to(tl.int64), mask=take)
+        tl.store(mask_ptr + row * stride_mb + slot, tl.full([CHUNK], 1, tl.uint8), mask=take)
+        ties += chunk_ties
+        slots += tl.sum(take.to(tl.int32), axis=0)
+    for start in range(0, k_cap, CHUNK):  # unused slots: index 0, mask False
+        empty = (start + offs >= k) & (start + offs < k_cap)
+        tl.store(idx_ptr + row * stride_ib + start + offs, tl.zeros([CHUNK], tl.int64), mask=empty)
+        tl.store(mask_ptr + row * stride_mb + start + offs, tl.zeros([CHUNK], tl.uint8), mask=empty)
     tl.store(count_ptr + row, k)
 
 
@@ -178,8 +181,6 @@ def topk_gather_triton(
     """
     check_topk_args(scores, k, tensors, valid)
     batch, n = scores.shape
-    if n > MAX_N:
-        raise ValueError(f"topk_gather: the Triton kernel holds a row in registers, so rows of at most {MAX_N}.")
     if scores.dtype not in _SCORE_DTYPES:
         scores = scores.float()  # the reference compares float32 values too
     per_row = isinstance(k, torch.Tensor)
@@ -189,7 +190,7 @@ def topk_gather_triton(
     mask = torch.empty(batch, k_cap, dtype=torch.bool, device=device)
     counts = torch.zeros(batch, dtype=torch.int32, device=device)
     if batch and k_cap:
-        block = next_pow2(n)
+        chunk, single, warps = chunk_for(n)
         _select_kernel[(batch,)](
             scores,
             valid.view(torch.uint8) if valid is not None else scores,
@@ -207,10 +208,11 @@ def topk_gather_triton(
             k.stride(0) if per_row else 0,
             indices.stride(0),
             mask.stride(0),
-            BLOCK=block,
+            CHUNK=chunk,
+            SINGLE=single,
             HAS_VALID=valid is not None,
             K_PER_ROW=per_row,
-            num_warps=num_warps_for(block),
+            num_warps=warps,
         )
     width = k_cap
     if (per_row or valid is not None) and batch and k_cap:
