@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 
-# Set before anything imports triton, so Triton kernels run in the interpreter on CPU.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a GPU, Triton kernels run in its interpreter; this must be set before anything imports triton
+# (importing torch does not). With a GPU the kernels compile for real and the `gpu` tests use them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import pytest
-import torch
+import pytest  # after the environment above, before triton can be imported
 
 import vtc
 from vtc.adapters import ADAPTERS
