@@ -50,6 +50,24 @@ def forward_inputs(family: str, inputs: dict) -> dict:
     return {**inputs, "position_ids": positions}
 
 
+def text_inputs(model, sample: dict, **kwargs) -> tuple[torch.Tensor, object]:
+    """The merged input embeddings the text backbone receives for `sample`, and the model's output."""
+    from vtc.adapters import adapter_for
+
+    seen = {}
+
+    def grab(module, args, kw) -> None:
+        seen["embeds"] = kw["inputs_embeds"]
+
+    hook = adapter_for(model).text_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = model(**sample, **kwargs)
+    finally:
+        hook.remove()
+    return seen["embeds"], out
+
+
 def generate(model, inputs: dict, n: int = 6) -> torch.Tensor:
     """Greedy generation of exactly `n` new tokens; returns only the new tokens."""
     out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
@@ -82,4 +100,4 @@ def hook_ids(model: torch.nn.Module) -> set[tuple[str, str, int]]:
     return out
 
 
-__all__ = ["FAMILIES", "batch_for", "forward_inputs", "generate", "hook_ids", "tiny", "vtc"]
+__all__ = ["FAMILIES", "batch_for", "forward_inputs", "generate", "hook_ids", "text_inputs", "tiny", "vtc"]

@@ -281,6 +281,25 @@ def realign(values: torch.Tensor, tapped: torch.Tensor, index: torch.Tensor) -> 
     return values.gather(1, slot)
 
 
+def output_layers(
+    method: str, given: tuple[int, ...] | None, paper: tuple[int, ...], num_layers: int, paper_depth: int = 32
+) -> tuple[int, ...]:
+    """Layers whose outputs a method prunes: the user's, or the paper's scaled to this model's depth.
+
+    Papers state layers for 32-layer LLaVA-1.5 (layer 2 of 32); another depth gets round(l x depth / 32),
+    so one setting works on Qwen2-VL's 28 layers and on tiny test models. The last layer has no output to
+    prune, so no layer may be the last.
+    """
+    if given is not None:
+        layers = [resolve_layer(method, "layers", x, num_layers) for x in given]
+    else:
+        layers = [min(round(x * num_layers / paper_depth), num_layers - 2) for x in paper]
+    layers = sorted(set(layers))
+    if layers and layers[-1] >= num_layers - 1:
+        raise ValueError(f"{method}: the last layer ({num_layers - 1}) has no output left to prune.")
+    return tuple(layers)
+
+
 def padded_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B, L]`` bool -> ``[B, N]`` slot indices where true (ascending) and ``[B, N]`` validity, N = max count."""
     length = mask.shape[1]

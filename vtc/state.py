@@ -8,6 +8,7 @@ Pruning stages replace it with a gathered copy; nothing in it is model-specific.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -81,6 +82,26 @@ class VisualTokenState:
             ordinal=torch.where(filled, pick(self.ordinal), -1),
             coords=coords,
         )
+
+    def grids(self, row: int, present: torch.Tensor) -> Iterator[tuple[torch.Tensor, int, int]]:
+        """The complete grids of row `row`: for each image (and frame), its slots in raster order.
+
+        Args:
+            row: the batch row.
+            present: ``[L]`` slots to consider (e.g. visual tokens not yet merged away).
+
+        Yields:
+            ``(slots, rows, cols)``: ``[rows * cols]`` slot indices of a grid whose every cell is present.
+            Images that lost tokens already (an earlier stage) are not grids any more and are skipped.
+        """
+        if self.coords is None:
+            raise ValueError("this model family does not report where visual tokens sit in their image.")
+        coords = self.coords[row]
+        for image, frame in torch.unique(coords[present][:, :2], dim=0).tolist():
+            slots = (present & (coords[:, 0] == image) & (coords[:, 1] == frame)).nonzero().flatten()
+            rows, cols = int(coords[slots, 2].max()) + 1, int(coords[slots, 3].max()) + 1
+            if len(slots) == rows * cols:
+                yield slots, rows, cols
 
     def kept_visual(self) -> list[torch.Tensor]:
         """Per row, the ordinals (patch indices) of the visual tokens still present, ascending."""

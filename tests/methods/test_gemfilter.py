@@ -4,29 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch_for, forward_inputs, generate, tiny
+from conftest import batch_for, forward_inputs, generate, text_inputs, tiny
 
 import vtc
 from vtc.adapters import ADAPTERS, adapter_for
 from vtc.method import AttentionCall
 from vtc.methods.gemfilter import GemFilter, GemFilterConfig
 from vtc.state import VisualTokenState
-
-
-def text_inputs(model, sample: dict) -> torch.Tensor:
-    """The merged input embeddings the text backbone receives for `sample` (image features included)."""
-    seen = {}
-
-    def grab(module, args, kwargs) -> None:
-        seen["embeds"] = kwargs["inputs_embeds"]
-
-    hook = adapter_for(model).text_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**sample)
-    finally:
-        hook.remove()
-    return seen["embeds"]
 
 
 def run_directly(model, embeds: torch.Tensor, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +43,7 @@ def test_second_pass_equals_the_model_on_the_selected_tokens(family, scope):
     model = tiny(family)
     _, samples = batch_for(model, family, batch=2)
     for sample in samples:
-        embeds = text_inputs(model, sample)
+        embeds, _ = text_inputs(model, sample)
         with vtc.apply(model, "gemfilter", keep=40, scope=scope) as handle, torch.no_grad():
             logits = model(**sample).logits[0, -1]
             kept = handle.stats.stages[0].kept_tokens[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch_for, tiny
+from conftest import batch_for, text_inputs, tiny
 
 import vtc
 from vtc.adapters import adapter_for
@@ -21,19 +21,8 @@ from vtc.state import VisualTokenState
 
 def embeddings_and_attention(family: str, sample: dict, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The unwrapped eager model's input embeddings [L, d] and layer attention [H, L, L] for one row."""
-    model = tiny(family, attn="eager")
-    seen = {}
-
-    def grab(module, args, kwargs) -> None:
-        seen["embeds"] = kwargs["inputs_embeds"]
-
-    hook = adapter_for(model).text_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            attentions = model(**sample, output_attentions=True).attentions
-    finally:
-        hook.remove()
-    return seen["embeds"][0], attentions[layer][0]
+    embeds, out = text_inputs(tiny(family, attn="eager"), sample, output_attentions=True)
+    return embeds[0], out.attentions[layer][0]
 
 
 def naive_raters(embeds: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from vtc.adapters.segments import (
     gather_tokens,
     plan_slots,
 )
+from vtc.errors import UnsupportedModelError
 from vtc.method import AttentionCall, LayerContext, Selection, VisionContext
 from vtc.state import StageRecord, TokenStats, VisualTokenState
 
@@ -126,9 +127,30 @@ class Adapter:
         self._tower_valid: torch.Tensor | None = None
 
     # -- family-specific --------------------------------------------------------------------------
-    def _find_parts(self) -> None:
-        """Set ``vlm``, ``text_model``, ``layers``, ``final_norm``, ``lm_head``, ``vision_tower``."""
+    #: The model class this adapter wraps, for error messages.
+    model_class: ClassVar[str] = ""
+
+    def _vision_parts(self, vlm: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The multimodal model's vision tower and projector."""
         raise NotImplementedError
+
+    def _find_parts(self) -> None:
+        """Find the multimodal model, text backbone, layers, final norm, LM head, tower and projector."""
+        vlm = getattr(self.model, "model", None)
+        try:
+            if vlm is None or not hasattr(self.model, "lm_head"):
+                raise AttributeError
+            self.vision_tower, self.projector = self._vision_parts(vlm)
+            self.text_model = vlm.language_model
+        except AttributeError:
+            raise UnsupportedModelError(
+                f"vtc wraps {self.model_class}; got {type(self.model).__name__}. "
+                f"Pass the model with the LM head (the one that has .generate)."
+            ) from None
+        self.vlm = vlm
+        self.layers = self.text_model.layers
+        self.final_norm = self.text_model.norm
+        self.lm_head = self.model.lm_head
 
     def visual_token_ids(self) -> tuple[int, ...]:
         """Token ids of visual placeholders (image, and video where the family has it)."""

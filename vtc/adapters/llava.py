@@ -9,7 +9,6 @@ from torch import nn
 
 from vtc.adapters.base import Adapter
 from vtc.adapters.registry import register_adapter
-from vtc.errors import UnsupportedModelError
 from vtc.flops import ModelDims, VisionDims
 
 
@@ -21,20 +20,10 @@ class LlavaAdapter(Adapter):
     model_types = ("llava",)
     capabilities = frozenset({"attn_tap", "final_norm", "vision_stage", "vision_cls_attn"})
 
-    def _find_parts(self) -> None:
-        vlm = getattr(self.model, "model", None)
-        if vlm is None or not hasattr(vlm, "language_model") or not hasattr(self.model, "lm_head"):
-            raise UnsupportedModelError(
-                f"vtc wraps LlavaForConditionalGeneration; got {type(self.model).__name__}. "
-                f"Pass the model with the LM head (the one that has .generate)."
-            )
-        self.vlm = vlm
-        self.text_model = vlm.language_model
-        self.layers = self.text_model.layers
-        self.final_norm = self.text_model.norm
-        self.lm_head = self.model.lm_head
-        self.vision_tower = vlm.vision_tower
-        self.projector = vlm.multi_modal_projector
+    model_class = "LlavaForConditionalGeneration"
+
+    def _vision_parts(self, vlm: nn.Module) -> tuple[nn.Module, nn.Module]:
+        return vlm.vision_tower, vlm.multi_modal_projector
 
     def visual_token_ids(self) -> tuple[int, ...]:
         return (self.model.config.image_token_id,)

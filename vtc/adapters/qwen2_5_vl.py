@@ -15,7 +15,7 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801  (the family's own spelli
 
     name = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
-    _model_class = "Qwen2_5_VLForConditionalGeneration"
+    model_class = "Qwen2_5_VLForConditionalGeneration"
 
     def _vision_dims(self) -> VisionDims:
         v = self.model.config.vision_config

@@ -14,7 +14,6 @@ from torch import nn
 
 from vtc.adapters.base import Adapter
 from vtc.adapters.registry import register_adapter
-from vtc.errors import UnsupportedModelError
 from vtc.flops import ModelDims, VisionDims
 
 
@@ -25,22 +24,10 @@ class Qwen2VLAdapter(Adapter):
     name = "qwen2_vl"
     model_types = ("qwen2_vl",)
 
-    def _find_parts(self) -> None:
-        vlm = getattr(self.model, "model", None)
-        if vlm is None or not hasattr(vlm, "visual") or not hasattr(self.model, "lm_head"):
-            raise UnsupportedModelError(
-                f"vtc wraps {self._model_class}; got {type(self.model).__name__}. "
-                f"Pass the model with the LM head (the one that has .generate)."
-            )
-        self.vlm = vlm
-        self.text_model = vlm.language_model
-        self.layers = self.text_model.layers
-        self.final_norm = self.text_model.norm
-        self.lm_head = self.model.lm_head
-        self.vision_tower = vlm.visual
-        self.projector = vlm.visual.merger
+    model_class = "Qwen2VLForConditionalGeneration"
 
-    _model_class = "Qwen2VLForConditionalGeneration"
+    def _vision_parts(self, vlm: nn.Module) -> tuple[nn.Module, nn.Module]:
+        return vlm.visual, vlm.visual.merger
 
     def visual_token_ids(self) -> tuple[int, ...]:
         return (self.model.config.image_token_id, self.model.config.video_token_id)

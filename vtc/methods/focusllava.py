@@ -96,12 +96,7 @@ def redundancy_sampler(method: FocusLLaVA, ctx: LayerContext) -> Selection:
     hidden, keep = ctx.hidden.clone(), state.visual & state.valid
     coarse, *finer = c.regions
     for b in range(hidden.shape[0]):
-        coords = state.coords[b]
-        for image, frame in torch.unique(coords[keep[b]][:, :2], dim=0).tolist():
-            members = (keep[b] & (coords[:, 0] == image) & (coords[:, 1] == frame)).nonzero().flatten()
-            rows, cols = int(coords[members, 2].max()) + 1, int(coords[members, 3].max()) + 1
-            if len(members) != rows * cols:
-                continue  # not a full grid: nothing to regionalise
+        for members, rows, cols in list(state.grids(b, keep[b])):
             regions = members[grid_windows(rows, cols, coarse).to(members.device)]  # [R, coarse^2]
             hidden[b], gone, score = merge_windows(hidden[b], regions, c.redundancy)
             keep[b] &= ~gone

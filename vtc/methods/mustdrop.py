@@ -32,10 +32,10 @@ from vtc.method import (
     Method,
     Selection,
     VisionContext,
+    output_layers,
     padded_positions,
     realign,
     register_method,
-    resolve_layer,
 )
 
 PAPER_LAYERS, REFERENCE_DEPTH = (2, 6, 10, 14), 32
@@ -177,14 +177,7 @@ class MustDrop(Method):
         """LLM layers whose outputs the dual-attention filter prunes."""
         if not self.config.filter:
             return ()
-        if self.config.layers is not None:
-            layers = [resolve_layer("mustdrop", "layers", x, num_layers) for x in self.config.layers]
-        else:
-            layers = [min(round(x * num_layers / REFERENCE_DEPTH), num_layers - 2) for x in PAPER_LAYERS]
-        layers = sorted(set(layers))
-        if layers and layers[-1] >= num_layers - 1:
-            raise ValueError(f"mustdrop: the last layer ({num_layers - 1}) has no output left to filter.")
-        return tuple(layers)
+        return output_layers("mustdrop", self.config.layers, PAPER_LAYERS, num_layers, REFERENCE_DEPTH)
 
     def prune_layers(self, num_layers: int) -> tuple[int, ...]:
         at_input = (0,) if self.merge_at != "off" or self.use_key_set else ()
@@ -259,12 +252,7 @@ class MustDrop(Method):
         state, side = ctx.state, self.config.merge_window
         hidden, keep = ctx.hidden.clone(), state.visual & state.valid
         for b in range(hidden.shape[0]):
-            coords = state.coords[b]
-            for image, frame in torch.unique(coords[keep[b]][:, :2], dim=0).tolist():
-                members = (keep[b] & (coords[:, 0] == image) & (coords[:, 1] == frame)).nonzero().flatten()
-                rows, cols = int(coords[members, 2].max()) + 1, int(coords[members, 3].max()) + 1
-                if len(members) != rows * cols:
-                    continue  # an incomplete grid (already pruned): no windows to speak of
+            for members, rows, cols in list(state.grids(b, keep[b])):
                 windows = members[grid_windows(rows, cols, side).to(members.device)]
                 hidden[b], gone, _ = merge_windows(hidden[b], windows, self.config.merge_threshold)
                 keep[b] &= ~gone

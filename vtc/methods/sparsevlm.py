@@ -28,10 +28,10 @@ from vtc.method import (
     LayerContext,
     Method,
     Selection,
+    output_layers,
     padded_positions,
     realign,
     register_method,
-    resolve_layer,
 )
 
 REFERENCE_TOKENS, REFERENCE_DEPTH = 576, 32  # LLaVA-1.5: the schedules and layers are stated for these
@@ -177,14 +177,7 @@ class SparseVLM(Method):
     # -- layers and counts --------------------------------------------------------------------------
     def pruned_outputs(self, num_layers: int) -> tuple[int, ...]:
         """The layers whose outputs are pruned (the stage runs at the next layer's input)."""
-        if self.config.layers is not None:
-            layers = [resolve_layer("sparsevlm", "layers", x, num_layers) for x in self.config.layers]
-        else:
-            layers = [min(round(x * num_layers / REFERENCE_DEPTH), num_layers - 2) for x in PAPER_LAYERS]
-        layers = sorted(set(layers))
-        if layers and layers[-1] >= num_layers - 1:
-            raise ValueError(f"sparsevlm: the last layer ({num_layers - 1}) has no output left to prune.")
-        return tuple(layers)
+        return output_layers("sparsevlm", self.config.layers, PAPER_LAYERS, num_layers, REFERENCE_DEPTH)
 
     def bind(self, adapter) -> None:
         super().bind(adapter)
