@@ -8,6 +8,7 @@ that masks the dropped keys; nothing of vtc's compaction code is involved in it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 
@@ -18,6 +19,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import eager_mask
 
 import vtc
+from vtc.adapters import adapter_for
 from vtc.config import MethodConfig
 from vtc.method import METHODS, HookPoint, LayerContext, Method, register_method
 
@@ -202,6 +204,56 @@ def test_beam_search_on_a_padded_batch_equals_rows_alone(family):
         for row, sample in enumerate(samples):
             alone = model.generate(**sample, **kwargs)[0, sample["input_ids"].shape[1] :]
             assert torch.equal(batched[row], alone)
+
+
+# Qwen's own forward fails on a hand-written decode step given a full-length 2-D mask and no positions
+# (unwrapped too: its M-RoPE index then spans the whole mask), so the hand loop below runs on LLaVA.
+@pytest.mark.parametrize("family", ["llava"])
+def test_a_mask_hiding_prompt_tokens_in_decode_reaches_compacted_layers(family):
+    """Decode steps honour the caller's mask over prompt columns in every layer (what Dropout Decoding does)."""
+    model = tiny(family)
+    _, samples = batch_for(model, family, batch=1)
+    sample = samples[0]
+    visual = adapter_for(model).visual_mask(sample["input_ids"], None)[0]
+    hidden_cols = visual.nonzero().flatten()[::2]  # hide every other visual token in the decode step
+    with vtc.apply(model, FixedKeepConfig(layers=(0,))) as handle, torch.no_grad():
+        out = model(**sample, use_cache=True)
+        kept = handle.stats.stages[0].kept_positions[0]
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([sample["attention_mask"], torch.ones_like(token)], dim=1)
+        extra = {"mm_token_type_ids": torch.zeros_like(token)} if "mm_token_type_ids" in sample else {}
+
+        def step(mask: torch.Tensor) -> torch.Tensor:
+            cache = copy.deepcopy(out.past_key_values)
+            out_step = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True, **extra)
+            return out_step.logits[0, -1]
+
+        open_logits = step(mask)
+        hidden = mask.clone()
+        hidden[0, hidden_cols] = 0
+        hidden_logits = step(hidden)
+        only_dropped = mask.clone()
+        only_dropped[0, hidden_cols[~torch.isin(hidden_cols, kept)]] = 0  # tokens vtc dropped anyway
+        assert torch.equal(step(only_dropped), open_logits)
+    assert not torch.allclose(hidden_logits, open_logits)
+
+
+def test_a_deep_copied_cache_keeps_its_record_and_a_lost_record_is_refused(family):
+    model = tiny(family)
+    _, samples = batch_for(model, family, batch=1)
+    sample = samples[0]
+    with vtc.apply(model, FixedKeepConfig(layers=(2,))), torch.no_grad():
+        out = model(**sample, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        extra = {"mm_token_type_ids": torch.zeros_like(token)} if "mm_token_type_ids" in sample else {}
+        step = {"input_ids": token, "use_cache": True, **extra}
+        copied = model(**step, past_key_values=copy.deepcopy(out.past_key_values)).logits
+        original = model(**step, past_key_values=out.past_key_values).logits
+        assert torch.equal(copied, original)
+        stripped = copy.deepcopy(out.past_key_values)
+        del stripped._vtc_record
+        with pytest.raises(ValueError, match="carries no vtc record"):
+            model(**step, past_key_values=stripped)
 
 
 def test_per_layer_cache_lengths(family):

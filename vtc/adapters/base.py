@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from vtc.compose import Pipeline
     from vtc.flops import ModelDims
 
+# The attribute a pruned prefill's record lives in, on the KV cache object.
+RECORD_ATTR = "_vtc_record"
+
 # Attention modules whose calls a method taps, mapped to (layer index, callback); see _vtc_attention_for.
 _TAPS: weakref.WeakKeyDictionary[nn.Module, tuple[int, Callable[[AttentionCall], None]]] = weakref.WeakKeyDictionary()
 
@@ -119,7 +122,6 @@ class Adapter:
         self._pipeline: Pipeline | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._original_attn: str | None = None
-        self._records: weakref.WeakKeyDictionary[Any, CacheRecord] = weakref.WeakKeyDictionary()
         self._pending_visual: torch.Tensor | None = None
         self._fwd: Forward | None = None
         self._in_prepass = False
@@ -257,7 +259,6 @@ class Adapter:
             self.vision_tower.config._attn_implementation = self._original_vision_attn
             self._original_vision_attn = None
         self._tower_valid = None
-        self._records = weakref.WeakKeyDictionary()
         self._fwd = None
         self._pending_visual = None
         self._pipeline = None
@@ -309,7 +310,10 @@ class Adapter:
             if self._pipeline.prepass_layer is not None:
                 self._run_prepass(kwargs, self._pipeline.prepass_layer)
         else:
-            record = self._records.get(cache) if cache is not None else None
+            record = getattr(cache, RECORD_ATTR, None) if cache is not None else None
+            prunes = bool(self._pipeline.stage_layers) or self._pipeline.cache_trim_from is not None
+            if record is None and cache is not None and prunes:
+                self._check_unrecorded(cache)
             segments = record.segments if record is not None else [Segment(0, None)]
             for seg in segments:
                 seg.reset_forward()
@@ -331,7 +335,8 @@ class Adapter:
         if fwd.cache is not None and any(seg.compacted for seg in fwd.segments):
             for seg in fwd.segments:
                 seg.reset_forward()
-            self._records[fwd.cache] = CacheRecord(fwd.prompt_len, fwd.segments)
+            # On the cache object itself, so copies of the cache (copy.deepcopy) carry it along.
+            setattr(fwd.cache, RECORD_ATTR, CacheRecord(fwd.prompt_len, fwd.segments))
         self._fill_layer_stats(fwd)
 
     def _layer_hook(self, i: int) -> Callable[..., tuple[tuple, dict]]:
@@ -555,6 +560,9 @@ class Adapter:
         if fwd.prefill:
             mask2d = prompt_valid
         else:
+            if fwd.user_mask is not None:  # the caller may hide prompt tokens in later forwards too
+                prompt_cols = fwd.user_mask[:, : fwd.prompt_len].bool()
+                prompt_valid = prompt_valid & prompt_cols.gather(1, seg.state.index.clamp(min=0))
             cached = fwd.cache.layers[i].get_seq_length()
             new = cached - seg.state.length + hidden.shape[1]  # generated tokens so far + this forward's
             if fwd.user_mask is not None:
@@ -576,6 +584,16 @@ class Adapter:
             position_ids=None,
             layer_idx=i if fwd.cache is not None else None,
         )
+
+    @staticmethod
+    def _check_unrecorded(cache: Any) -> None:
+        """A cache whose layers hold different lengths was pruned; without its record its masks would be wrong."""
+        lengths = {layer.get_seq_length() for layer in getattr(cache, "layers", [])}
+        if len(lengths) > 1:
+            raise ValueError(
+                "this KV cache was pruned by vtc (its layers hold different lengths) but carries no vtc record; "
+                "pass the cache object the model returned, or a copy.deepcopy of it (copies keep the record)."
+            )
 
     def _check_cache(self, cache: Any) -> None:
         if cache is None or not self._pipeline.stage_layers:
