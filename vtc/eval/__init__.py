@@ -1,0 +1,1 @@
+"""Evaluation: tasks, runner, scoring, reports."""
