@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -258,5 +259,14 @@ def write_layout(task: str, root: Path, layout: str = "jsonl", split: str = "tes
     raise ValueError(layout)
 
 
-def seed_everything(seed: int = 0) -> None:
-    torch.manual_seed(seed)
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on one thread: on a loaded two-core machine torch's pool makes them 100x slower.
+
+    Imported by the test modules that run models (a conftest.py here would shadow tests/conftest.py,
+    which other test folders import by the name ``conftest``).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

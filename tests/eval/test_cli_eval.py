@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from eval_fixtures import tiny_vlm, write_layout
+from eval_fixtures import one_thread, tiny_vlm, write_layout  # noqa: F401  (autouse)
 
 from vtc.cli import main
 from vtc.eval.report import plot_kept_patches

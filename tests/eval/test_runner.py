@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from eval_fixtures import tiny_vlm, write_layout
+from eval_fixtures import one_thread, tiny_vlm, write_layout  # noqa: F401  (autouse)
 
 from vtc.eval.data import load_docs
 from vtc.eval.runner import build_prompt, read_predictions, run_task
