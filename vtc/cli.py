@@ -1,4 +1,4 @@
-"""The ``vtc`` command line: ``vtc demo``, ``vtc flops``, ``vtc bench``, ``vtc list``."""
+"""The ``vtc`` command line: ``vtc demo``, ``vtc flops``, ``vtc bench``, ``vtc eval``, ``vtc report``, ``vtc list``."""
 
 from __future__ import annotations
 
@@ -123,6 +123,83 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# -- vtc eval ------------------------------------------------------------------------------------------
+def _data_sources(items: list[str], tasks: list[str]) -> dict[str, str]:
+    """``--data`` values: ``TASK=PATH`` each, or one bare PATH when a single task runs."""
+    out = {}
+    for item in items:
+        if "=" in item:
+            name, path = item.split("=", 1)
+            out[name.strip()] = path
+        elif len(tasks) == 1:
+            out[tasks[0]] = item
+        else:
+            raise ValueError(f"--data {item!r}: with several tasks write TASK=PATH.")
+    return out
+
+
+def _missing_data_is_a_user_error(fn):
+    """A missing dataset, image or runs folder is the user's to fix: one line, exit 2, no traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except FileNotFoundError as exc:
+            print(f"vtc {args.command}: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+@_missing_data_is_a_user_error
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vtc.eval.data import load_docs
+    from vtc.eval.report import markdown
+    from vtc.eval.runner import parse_methods, run_task
+    from vtc.eval.tasks import get_task
+
+    tasks = [get_task(t) for t in _specs(args.tasks)]
+    methods = parse_methods(args.method)
+    sources = _data_sources(args.data, [t.name for t in tasks])
+    device = _device(args.device)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.model).name
+    summaries = []
+    for task in tasks:
+        docs = load_docs(task, sources.get(task.name), split=args.split, media_root=args.media_root, limit=args.limit)
+        for method in methods:
+            summaries.append(
+                run_task(
+                    model, processor, task, docs, method, out, batch_size=args.batch_size, frames=args.frames,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed, model_name=args.model,
+                    progress=not args.no_progress,
+                )
+            )  # fmt: skip
+    print(markdown(summaries), end="")
+    print(f"predictions and run.json files in {out}")
+    return 0
+
+
+@_missing_data_is_a_user_error
+def cmd_report(args: argparse.Namespace) -> int:
+    from vtc.eval.report import collect, markdown, plot_accuracy_flops
+
+    runs = collect(args.runs)
+    table = markdown(runs)
+    print(table, end="")
+    if args.out:
+        Path(args.out).write_text(table)
+        print(f"table written to {args.out}")
+    if args.plots:
+        for path in plot_accuracy_flops(runs, args.plots):
+            print(f"plot: {path}")
+    return 0
+
+
 # -- vtc list ------------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
     import vtc
@@ -176,6 +253,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--out", default=None, help="append result rows to this CSV file")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="accuracy and cost of methods on benchmarks (resumable)")
+    p.add_argument("--model", required=True, help="a transformers VLM: hub name or local folder")
+    p.add_argument("--tasks", required=True, help="comma-separated tasks, e.g. pope_random,gqa,mme")
+    p.add_argument("--method", default="dense", help="comma-separated runs, e.g. dense,dart.r64 ('+' composes)")
+    p.add_argument("--data", action="append", default=[], help="TASK=PATH (repeatable); default: the hub dataset")
+    p.add_argument("--media-root", default=None, help="folder that relative image/video paths start from")
+    p.add_argument("--split", default=None)
+    p.add_argument("--out", default=None, help="runs folder (default runs/<model name>)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--limit", type=int, default=None, help="first N questions per task")
+    p.add_argument("--frames", type=int, default=8, help="frames per video")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="markdown table and plots from a runs folder")
+    p.add_argument("runs", help="the folder `vtc eval --out` wrote")
+    p.add_argument("--out", default=None, help="also write the table to this file")
+    p.add_argument("--plots", default=None, help="write accuracy-vs-FLOPs plots to this folder (needs matplotlib)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("list", help="registered methods, presets and adapters")
     p.set_defaults(func=cmd_list)

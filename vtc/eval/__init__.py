@@ -1,1 +1,1 @@
-"""Evaluation: tasks, runner, scoring, reports."""
+"""Evaluation: tasks, data loaders, scorers, the runner and reports (``vtc eval``, ``vtc report``)."""

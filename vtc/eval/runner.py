@@ -1,0 +1,356 @@
+"""The eval runner: batched greedy generation over a task, one method at a time, resumable.
+
+Every prediction is appended to ``<out>/<task>/<method>/predictions.jsonl`` as soon as its batch is
+decoded, with what it cost (prefill FLOPs by the papers' formula, visual tokens kept, its share of the
+batch's prefill and decode time). A run that stops (killed, out of memory) resumes where it stopped:
+the docs already in the file are skipped, and a last line cut off mid-write is dropped. Scores and
+the run's summary (``run.json``) are computed from the file alone, so a resumed run ends with the same
+numbers as an uninterrupted one.
+
+Prompts go through the processor's chat template when it has one, else LLaVA-1.5's conversation
+format. Batches are left-padded, so with greedy decoding a batch gives each row the tokens that row
+gets alone (the adapters keep this true for pruned models too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vtc.eval.data import find_video, load_images
+from vtc.eval.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+LLAVA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+DENSE = "dense"
+
+
+def parse_methods(text: str | Sequence[str]) -> list[str]:
+    """``"dense,dart.r64,sparsevlm.r128+dart"`` -> one label per run ("+" composes methods in one run)."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    return [s.strip() for s in items if s.strip()]
+
+
+def method_dir(label: str) -> str:
+    return label.replace("+", "__").replace("/", "_")
+
+
+# -- prompts ---------------------------------------------------------------------------------------------------
+def _tokenizer(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def _takes_video(processor: Any) -> bool:
+    return getattr(processor, "video_processor", None) is not None and hasattr(processor, "video_token")
+
+
+def build_prompt(processor: Any, text: str, n_images: int, video: bool = False) -> str:
+    """The full prompt string: chat template when the processor has one, else LLaVA-1.5's format."""
+    if getattr(processor, "chat_template", None):
+        content: list[dict[str, Any]] = [{"type": "video"}] if video else [{"type": "image"}] * n_images
+        content.append({"type": "text", "text": text})
+        messages = [{"role": "user", "content": content}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    token = getattr(processor, "image_token", "<image>")
+    images = "".join(f"{token}\n" for _ in range(n_images))
+    return f"{LLAVA_SYSTEM} USER: {images}{text} ASSISTANT:"
+
+
+def prepare(processor: Any, task: Task, docs: Sequence[dict[str, Any]], frames: int) -> Any:
+    """Processor inputs of a batch of docs (left-padded tensors)."""
+    from vtc.eval.video import read_frames
+
+    _tokenizer(processor).padding_side = "left"
+    prompts, images, videos = [], [], []
+    for doc in docs:
+        text = task.text(doc)
+        if task.modality == "video":
+            clip = read_frames(find_video(doc[task.visual], doc["_root"]), frames)
+            if _takes_video(processor):
+                videos.append(clip)
+                prompts.append(build_prompt(processor, text, 0, video=True))
+                continue
+            from PIL import Image
+
+            images.extend(Image.fromarray(f) for f in clip)  # an image model sees the frames as images
+            prompts.append(build_prompt(processor, text, len(clip)))
+        else:
+            got = load_images(doc[task.visual], doc["_root"])
+            images.extend(got)
+            prompts.append(build_prompt(processor, text, len(got)))
+    kwargs: dict[str, Any] = {"text": prompts, "padding": True, "return_tensors": "pt"}
+    if images:
+        kwargs["images"] = images
+    if videos:
+        kwargs["videos"] = videos
+    return processor(**kwargs)
+
+
+# -- predictions file --------------------------------------------------------------------------------------------
+def read_predictions(path: Path) -> list[dict[str, Any]]:
+    """The records of a predictions file; a last line cut off mid-write is dropped (and removed from the file)."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    records, good = [], 0
+    for line in raw.splitlines(keepends=True):
+        try:
+            if not line.endswith(b"\n"):
+                raise ValueError("unterminated")
+            records.append(json.loads(line))
+        except ValueError:
+            logger.warning("%s: dropping a partly written last record; its doc runs again.", path)
+            with path.open("r+b") as f:
+                f.truncate(good)
+            break
+        good += len(line)
+    return records
+
+
+# -- timing ----------------------------------------------------------------------------------------------------
+class _FirstToken:
+    """A logits processor that notes when the prefill's logits arrive (the end of the prefill)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.at = device, None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.at is None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.at = time.perf_counter()
+        return scores
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- the run -----------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _wrapped(model: torch.nn.Module, label: str) -> Iterator[Any]:
+    if label == DENSE:
+        yield None
+        return
+    import vtc
+
+    with vtc.apply(model, label.split("+")) as handle:
+        yield handle
+
+
+def _dims(model: torch.nn.Module) -> Any:
+    from vtc.adapters import adapter_for
+    from vtc.errors import UnsupportedModelError
+
+    try:
+        adapter = adapter_for(model)
+        return adapter, adapter.dims()
+    except UnsupportedModelError:
+        return None, None
+
+
+def _costs(inputs: Any, handle: Any, adapter: Any, dims: Any) -> list[dict[str, float]]:
+    """Per row: prefill FLOPs (compressed and dense, decoder layers) and visual tokens in / kept."""
+    from vtc.flops import decoder_flops
+
+    mask = inputs.get("attention_mask")
+    n_rows = inputs["input_ids"].shape[0]
+    lengths = mask.sum(-1).tolist() if mask is not None else [inputs["input_ids"].shape[1]] * n_rows
+    visual = adapter.visual_mask(inputs["input_ids"], None).sum(-1).tolist() if adapter is not None else [0] * n_rows
+    out = []
+    for b in range(n_rows):
+        row: dict[str, float] = {"visual_tokens": float(visual[b]), "visual_kept": float(visual[b])}
+        if dims is not None:
+            dense = sum(decoder_flops(dims, [int(lengths[b])] * dims.num_layers))
+            counts = [int(lengths[b])] * dims.num_layers
+            stats = handle.stats if handle is not None else None
+            if stats is not None and stats.tokens_per_layer:
+                counts = [layer[b] for layer in stats.tokens_per_layer]
+                kept = [layer[b] for layer in stats.visual_per_layer]
+                row["visual_kept"] = sum(kept) / len(kept)
+            row.update(prefill_flops=sum(decoder_flops(dims, counts)), prefill_flops_dense=dense)
+        out.append(row)
+    return out
+
+
+def run_task(
+    model: torch.nn.Module,
+    processor: Any,
+    task: Task,
+    docs: Sequence[dict[str, Any]],
+    method: str,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 1,
+    frames: int = 8,
+    max_new_tokens: int | None = None,
+    seed: int = 0,
+    model_name: str = "",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) one task with one method and return the run's summary (also in ``run.json``).
+
+    Args:
+        model: a transformers vision-language model (evaluated as it is for ``"dense"``).
+        processor: its processor (a tokenizer with an image processor, or a Qwen2-VL processor).
+        task: the task.
+        docs: its docs (``vtc.eval.data.load_docs``).
+        method: ``"dense"`` or a method spec, several joined by ``+``.
+        out_dir: the runs folder; this run writes ``<out_dir>/<task>/<method>/``.
+        batch_size: rows per generate call.
+        frames: frames sampled per video.
+        max_new_tokens: overrides the task's generation length.
+        seed: set before every batch (greedy decoding does not use it; sampling methods do).
+        model_name: recorded in the summary.
+        progress: show a progress bar.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
+    run_dir = Path(out_dir) / task.name / method_dir(method)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pred_path = run_dir / "predictions.jsonl"
+    done = {r["id"] for r in read_predictions(pred_path)}
+    todo = [d for d in docs if d["_id"] not in done]
+    device = next(model.parameters()).device
+    adapter, dims = _dims(model)
+    tok = _tokenizer(processor)
+    peak = None
+    bar = _progress(len(docs), len(docs) - len(todo), f"{task.name} {method}", progress)
+    with _wrapped(model, method) as handle, pred_path.open("a", encoding="utf-8") as out:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            inputs = prepare(processor, task, batch, frames).to(device)
+            if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            torch.manual_seed(seed)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            clock = _FirstToken(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                generated = model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens or task.max_new_tokens,
+                    do_sample=False,
+                    logits_processor=[clock],
+                    pad_token_id=tok.pad_token_id,
+                )
+            _sync(device)
+            t1 = time.perf_counter()
+            if device.type == "cuda":
+                peak = max(peak or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
+            new = generated[:, inputs["input_ids"].shape[1] :]
+            texts = tok.batch_decode(new, skip_special_tokens=True)
+            costs = _costs(inputs, handle, adapter, dims)
+            prefill_ms = ((clock.at or t1) - t0) * 1e3
+            decode_ms = (t1 - (clock.at or t1)) * 1e3
+            for doc, text, cost, ids in zip(batch, texts, costs, new, strict=True):
+                record = {
+                    "id": doc["_id"],
+                    "prediction": text.strip(),
+                    "target": task.target(doc),
+                    **{k: doc.get(k) for k in task.record_keys},
+                    **(task.extras(doc) if task.extras else {}),
+                    **cost,
+                    "new_tokens": int((ids != tok.pad_token_id).sum()) if tok.pad_token_id is not None else len(ids),
+                    "prefill_ms": prefill_ms / len(batch),
+                    "decode_ms": decode_ms / len(batch),
+                    "batch_size": len(batch),
+                }
+                out.write(json.dumps(record, default=_jsonable) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+            bar.update(len(batch))
+        bar.close()
+        configs = [c.to_dict() for c in handle.configs] if handle is not None else []
+    summary = summarize(task, pred_path, docs)
+    summary.update(
+        task=task.name,
+        method=method,
+        method_configs=configs,
+        model=model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        model_type=getattr(model.config, "model_type", ""),
+        dtype=str(model.dtype).replace("torch.", ""),
+        batch_size=batch_size,
+        frames=frames if task.modality == "video" else None,
+        seed=seed,
+        peak_memory_mb=peak,
+        environment=environment(device),
+    )
+    (run_dir / "run.json").write_text(json.dumps(summary, indent=2, default=_jsonable) + "\n")
+    return summary
+
+
+def summarize(task: Task, pred_path: Path, docs: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Scores and mean costs from a predictions file (only the `docs` given, when given)."""
+    records = read_predictions(pred_path)
+    if docs is not None:
+        wanted = {d["_id"] for d in docs}
+        records = [r for r in records if r["id"] in wanted]
+    if not records:
+        raise ValueError(f"{pred_path} holds no predictions to score.")
+    n = len(records)
+    eff: dict[str, Any] = {"samples": n}
+    for key in ("prefill_ms", "decode_ms", "visual_tokens", "visual_kept", "new_tokens"):
+        eff[key] = sum(r.get(key, 0.0) for r in records) / n
+    if all("prefill_flops" in r for r in records):
+        eff["prefill_flops"] = sum(r["prefill_flops"] for r in records) / n
+        eff["prefill_flops_dense"] = sum(r["prefill_flops_dense"] for r in records) / n
+        eff["flops_ratio"] = eff["prefill_flops"] / eff["prefill_flops_dense"] if eff["prefill_flops_dense"] else 1.0
+    return {"metrics": task.score(records), "primary": task.primary, "efficiency": eff}
+
+
+def environment(device: torch.device | None = None) -> dict[str, str]:
+    import transformers
+
+    import vtc
+
+    name = torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else "cpu"
+    return {
+        "vtc": vtc.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": name,
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, initial=initial, desc=desc, unit="q")
