@@ -108,3 +108,25 @@ def test_unknown_split_and_type_are_refused(tmp_path):
         shapesqa.make_example(shapesqa.sample_example(0)[0], random.Random(0), "colour")
     with pytest.raises(FileNotFoundError, match="write_split"):
         shapesqa.read_split(tmp_path, "val")
+
+
+def test_score_by_hand():
+    rows = [
+        {"type": "exist", "answer": "yes", "objects": ["red circle"]},
+        {"type": "exist", "answer": "no", "objects": ["red circle"]},
+        {"type": "exist", "answer": "no", "objects": ["red circle"]},
+        {"type": "count", "answer": "2", "objects": ["red circle", "blue star"]},
+        {"type": "describe", "answer": "a red circle and a blue star", "objects": ["red circle", "blue star"]},
+        {"type": "describe", "answer": "a red circle", "objects": ["red circle"]},
+    ]
+    predictions = ["yes", "yes", "No.", "3", "a blue star and a red circle", "a red circle and a green cross"]
+    got = shapesqa.score(rows, predictions)
+    assert got["accuracy"] == pytest.approx(3 / 6)
+    assert got["acc_exist"] == pytest.approx(2 / 3) and got["acc_count"] == 0 and got["acc_describe"] == 0.5
+    # exist: tp 1, fp 1, fn 0 -> precision 1/2, recall 1, F1 2/3; two of three said yes.
+    assert got["pope_precision"] == 0.5 and got["pope_recall"] == 1 and got["pope_f1"] == pytest.approx(2 / 3)
+    assert got["pope_yes_ratio"] == pytest.approx(2 / 3)
+    # describe: 4 objects named, 1 absent (green cross); 1 of 2 descriptions has one.
+    assert got["chair_i"] == pytest.approx(1 / 4) and got["chair_s"] == 0.5
+    with pytest.raises(ValueError, match="one prediction per row"):
+        shapesqa.score(rows, predictions[:-1])

@@ -164,17 +164,25 @@ def _outline(shape: str, x: float, y: float, s: float) -> list[tuple[float, floa
     raise ValueError(f"unknown shape {shape!r}; ShapesQA draws {', '.join(SHAPES)}.")
 
 
-def render(scene: Scene) -> Image.Image:
-    """The scene as an RGB image."""
-    image = Image.fromarray(_texture(scene))
+def _draw(image: Image.Image, scene: Scene, fills: list) -> Image.Image:
     draw = ImageDraw.Draw(image)
-    for o in scene.objects:
-        fill = COLORS[o.color]
+    for o, fill in zip(scene.objects, fills, strict=True):
         if o.shape == "circle":
             draw.ellipse([o.x - o.size / 2, o.y - o.size / 2, o.x + o.size / 2, o.y + o.size / 2], fill=fill)
         else:
             draw.polygon(_outline(o.shape, o.x, o.y, o.size), fill=fill)
     return image
+
+
+def render(scene: Scene) -> Image.Image:
+    """The scene as an RGB image."""
+    return _draw(Image.fromarray(_texture(scene)), scene, [COLORS[o.color] for o in scene.objects])
+
+
+def object_map(scene: Scene) -> np.ndarray:
+    """``[H, W]`` uint8: 1 + the index of the object drawn at each pixel, 0 for the background."""
+    image = Image.new("L", (scene.size, scene.size), 0)
+    return np.asarray(_draw(image, scene, list(range(1, len(scene.objects) + 1))))
 
 
 def describe(scene: Scene) -> str:
@@ -331,3 +339,31 @@ def is_correct(row: dict, prediction: str) -> bool:
     if row["type"] == "describe":
         return sorted(mentioned_objects(prediction)) == sorted(row["objects"])
     return normalize(prediction) == normalize(row["answer"])
+
+
+def score(rows: list[dict], predictions: list[str]) -> dict[str, float]:
+    """ShapesQA's metrics: accuracy (all five types) and per type, POPE over ``exist``, CHAIR over ``describe``.
+
+    ``pope_*`` are :func:`vtc.eval.scoring.pope_metrics` of the ``exist`` rows (lower-cased exact yes / no);
+    ``chair_i`` / ``chair_s`` are :func:`vtc.eval.scoring.chair` of the descriptions.
+    """
+    from vtc.eval import scoring
+
+    if len(rows) != len(predictions):
+        raise ValueError(f"{len(rows)} rows but {len(predictions)} predictions; score needs one prediction per row.")
+    right: dict[str, list[bool]] = {}
+    for row, pred in zip(rows, predictions, strict=True):
+        right.setdefault(row["type"], []).append(is_correct(row, pred))
+    result = {"accuracy": sum(sum(v) for v in right.values()) / max(len(rows), 1), "n": float(len(rows))}
+    result.update({f"acc_{t}": sum(v) / len(v) for t, v in sorted(right.items())})
+    exist = [(p, r["answer"]) for r, p in zip(rows, predictions, strict=True) if r["type"] == "exist"]
+    if exist:
+        pope = scoring.pope_metrics([normalize(p) for p, _ in exist], [a for _, a in exist])
+        result.update(
+            {f"pope_{k}": v for k, v in pope.items() if k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+        )
+    described = [(p, r["objects"]) for r, p in zip(rows, predictions, strict=True) if r["type"] == "describe"]
+    if described:
+        chair = scoring.chair([p for p, _ in described], [o for _, o in described])
+        result.update(chair_i=chair["chair_i"], chair_s=chair["chair_s"])
+    return result
