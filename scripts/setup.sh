@@ -13,5 +13,5 @@ python3 -m venv .venv
 # A plain `pip install torch` would pull gigabytes of CUDA packages; the pinned CPU build comes first and
 # the constraints file keeps every later install on it.
 .venv/bin/python -m pip install -q -c constraints.txt torch
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,eval,video]"
 echo "$want" > "$stamp"
