@@ -1,15 +1,23 @@
 """The built-in methods. One file per method; each registers itself on import."""
 
-from vtc.methods import dart, focusllava, gemfilter, mustdrop, sparsevlm  # noqa: F401  (registration)
+from vtc.methods import dart, deco, dropout_decoding, focusllava, gemfilter, mustdrop, sparsevlm, var  # noqa: F401  (registration)
 from vtc.methods.dart import DART, DARTConfig
+from vtc.methods.deco import DeCo, DeCoConfig
+from vtc.methods.dropout_decoding import DropoutDecoding, DropoutDecodingConfig
 from vtc.methods.focusllava import FocusLLaVA, FocusLLaVAConfig
 from vtc.methods.gemfilter import GemFilter, GemFilterConfig
 from vtc.methods.mustdrop import MustDrop, MustDropConfig
 from vtc.methods.sparsevlm import SparseVLM, SparseVLMConfig
+from vtc.methods.var import VAR, VARConfig
 
 __all__ = [
     "DART",
+    "VAR",
     "DARTConfig",
+    "DeCo",
+    "DeCoConfig",
+    "DropoutDecoding",
+    "DropoutDecodingConfig",
     "FocusLLaVA",
     "FocusLLaVAConfig",
     "GemFilter",
@@ -18,4 +26,5 @@ __all__ = [
     "MustDropConfig",
     "SparseVLM",
     "SparseVLMConfig",
+    "VARConfig",
 ]
