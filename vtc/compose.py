@@ -8,10 +8,14 @@ What cannot be composed raises ``MethodConflictError`` when the model is wrapped
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
 
 from vtc.errors import MethodConflictError
-from vtc.method import AttentionCall, HookPoint, Method
+from vtc.method import AttentionCall, HookPoint, LayerContext, Method, StepContext
+from vtc.state import VisualTokenState
 
 
 class Pipeline:
@@ -42,6 +46,20 @@ class Pipeline:
                 self._stages[layer].append(m)
             for layer in m.tap_layers(num_layers):
                 self._taps[layer].append(m)
+        self._reads: dict[int, list[Method]] = defaultdict(list)
+        self._edits: dict[int, Method] = {}
+        for m in self.methods:
+            for layer in m.read_layers(num_layers):
+                self._reads[layer].append(m)
+            for layer in m.edit_layers(num_layers):
+                if layer in self._edits:
+                    raise MethodConflictError(
+                        f"{self._edits[layer].name} and {m.name} both edit the attention weights of layer {layer}; "
+                        f"only one method may edit a layer's attention."
+                    )
+                self._edits[layer] = m
+        self.output_methods = [m for m in self.methods if type(m).on_output is not Method.on_output]
+        self.text_output_methods = [m for m in self.methods if type(m).on_text_output is not Method.on_text_output]
         self._vision_stages: dict[int, list[Method]] = defaultdict(list)
         self._vision_taps: dict[int, list[Method]] = defaultdict(list)
 
@@ -51,6 +69,13 @@ class Pipeline:
         self.prepass_layer: int | None = next(iter(prepasses.values()), None)
         trims = [r for m in self.methods if (r := m.cache_trim_from(num_layers)) is not None]
         self.cache_trim_from: int | None = min(trims, default=None)
+        if self._edits and self.cache_trim_from is not None:
+            # An edit reads the prompt's key columns in decode steps as the prefill laid them out.
+            raise MethodConflictError(
+                f"{self._edits[min(self._edits)].name} edits attention over the prompt's cached keys, which "
+                f"{', '.join(m.name for m in self.methods if m.cache_trim_from(num_layers) is not None)} "
+                f"re-orders after the prefill; use a pruning method that keeps its KV cache."
+            )
 
     def bind_vision(self, num_layers: int) -> None:
         """Index the methods' vision-tower stages and taps for a tower of `num_layers` layers."""
@@ -97,3 +122,33 @@ class Pipeline:
     def on_attention(self, call: AttentionCall) -> None:
         for m in self._taps.get(call.layer_idx, []):
             m.on_attention(call)
+
+    @property
+    def read_layers(self) -> list[int]:
+        return sorted(self._reads)
+
+    @property
+    def edit_layers(self) -> list[int]:
+        return sorted(self._edits)
+
+    def on_layer_input(self, ctx: LayerContext) -> None:
+        for m in self._reads.get(ctx.layer_idx, []):
+            m.on_layer_input(ctx)
+
+    def edit_attention(self, call: AttentionCall) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        method = self._edits.get(call.layer_idx)
+        return method.edit_attention(call) if method is not None else None
+
+    def on_text_output(self, hidden: torch.Tensor, state: VisualTokenState) -> None:
+        for m in self.text_output_methods:
+            m.on_text_output(hidden, state)
+
+    def on_output(self, step: StepContext) -> Any | None:
+        """Let each output method replace the output in turn (at most one owns GENERATE)."""
+        replaced = None
+        for m in self.output_methods:
+            new = m.on_output(
+                step if replaced is None else StepContext(step.kwargs, replaced, step.prefill, step.adapter)
+            )
+            replaced = new if new is not None else replaced
+        return replaced

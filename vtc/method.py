@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -106,18 +107,40 @@ class AttentionCall:
 
 @dataclasses.dataclass(frozen=True)
 class LayerContext:
-    """What a pruning stage sees at the input of a decoder layer during prefill.
+    """What a pruning stage (or a layer reader) sees at the input of a decoder layer.
 
     Attributes:
         layer_idx: the decoder layer about to run (0 for a stage at the embeddings).
         hidden: ``[B, L, d]`` its input hidden states.
-        state: where the visual tokens are in that input.
+        state: where the visual tokens are in that input; None in a decode step (readers only).
         adapter: the model family's adapter (final norm, dimensions, ...).
     """
 
     layer_idx: int
     hidden: torch.Tensor
-    state: VisualTokenState
+    state: VisualTokenState | None
+    adapter: Adapter
+
+    @property
+    def prefill(self) -> bool:
+        return self.state is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """One call of the wrapped model, after it returned, for methods that change what decoding sees.
+
+    Attributes:
+        kwargs: the keyword arguments of the call (``generate`` passes everything by keyword), so a
+            method can run the model again on edited inputs with ``adapter.run_extra``.
+        output: the model's output (``.logits`` ``[B, L_out, V]``, ``.past_key_values``).
+        prefill: the call started from an empty cache.
+        adapter: the model family's adapter.
+    """
+
+    kwargs: dict[str, Any]
+    output: Any
+    prefill: bool
     adapter: Adapter
 
 
@@ -176,6 +199,8 @@ class Method:
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     #: The tokens kept follow from the settings alone (``plan`` can say them); False for thresholds.
     fixed_counts: ClassVar[bool] = True
+    #: The method removes tokens; False for methods that only change attention or decoding (VAR, DeCo).
+    prunes: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig) -> None:
         if not isinstance(config, self.config_cls):
@@ -236,6 +261,40 @@ class Method:
 
     def on_attention(self, call: AttentionCall) -> None:
         """Read one attention call of a tapped layer (prefill only)."""
+
+    # -- layer readers (LAYER, read-only) -----------------------------------------------------------
+    def read_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Decoder layers whose input hidden states this method reads, in prefill and decode steps."""
+        return ()
+
+    def on_layer_input(self, ctx: LayerContext) -> None:
+        """Read the input of a read layer (after any pruning stage at that layer); never change it."""
+
+    # -- attention edits (ATTENTION) -----------------------------------------------------------------
+    def edit_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Decoder layers whose post-softmax attention weights this method edits (prefill and decode)."""
+        return ()
+
+    def edit_attention(self, call: AttentionCall) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """An edit for this attention call, or None to leave it on the model's own kernel.
+
+        ``call.state`` is set in a prefill and None in a decode step. The returned function takes the
+        fp32 post-softmax weights ``[B, Hq, Lq, Lk]`` and returns edited weights of the same shape, whose
+        rows should still sum to one; the adapter then computes ``weights @ v`` for this layer only.
+        """
+        return None
+
+    # -- outputs (GENERATE through stock generate) ---------------------------------------------------
+    def on_text_output(self, hidden: torch.Tensor, state: VisualTokenState) -> None:
+        """Read the text backbone's final (normed) hidden states ``[B, L, d]`` of a prefill, with its state."""
+
+    def on_output(self, step: StepContext) -> Any | None:
+        """Return a replacement for the model's output (e.g. new last-position logits), or None.
+
+        Runs after every call of the wrapped model, before ``generate``'s logits processors see the
+        logits, so greedy, sampling and beam search all decode what this returns.
+        """
+        return None
 
     # -- vision tower (VISION) ---------------------------------------------------------------------
     def vision_layers(self, num_layers: int) -> tuple[int, ...]:

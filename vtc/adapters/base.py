@@ -29,7 +29,7 @@ from vtc.adapters.segments import (
     plan_slots,
 )
 from vtc.errors import UnsupportedModelError
-from vtc.method import AttentionCall, LayerContext, Selection, VisionContext
+from vtc.method import AttentionCall, LayerContext, Selection, StepContext, VisionContext
 from vtc.state import StageRecord, TokenStats, VisualTokenState
 
 if TYPE_CHECKING:
@@ -41,6 +41,41 @@ RECORD_ATTR = "_vtc_record"
 
 # Attention modules whose calls a method taps, mapped to (layer index, callback); see _vtc_attention_for.
 _TAPS: weakref.WeakKeyDictionary[nn.Module, tuple[int, Callable[[AttentionCall], None]]] = weakref.WeakKeyDictionary()
+# Attention modules whose post-softmax weights a method edits, mapped to (layer index, callback).
+_EDITS: weakref.WeakKeyDictionary[nn.Module, tuple[int, Callable[[AttentionCall], Any]]] = weakref.WeakKeyDictionary()
+
+# Attention implementations under which an edit can rebuild the layer's weights from its mask.
+EDITABLE_ATTENTION = ("sdpa", "eager")
+
+
+def _edited_attention(
+    module: nn.Module, query, key, value, attention_mask, scaling: float, edit: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one layer with post-softmax weights passed through `edit` (eager maths, this layer only).
+
+    The mask is whatever the layer received: None (causal, sdpa's fast path), a bool mask (True = may
+    attend, sdpa) or an additive float mask (eager).
+
+    Returns:
+        ``attn_output [B, Lq, Hq, D]`` and the edited weights ``[B, Hq, Lq, Lk]``, as eager attention does.
+    """
+    groups = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(groups, dim=1)  # [B, Hq, Lk, D]
+    v = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query.float(), k.float().transpose(2, 3)) * scaling  # [B, Hq, Lq, Lk]
+    lq, lk = scores.shape[-2:]
+    if attention_mask is None:
+        rows = torch.arange(lq, device=scores.device)[:, None] + (lk - lq)
+        allowed = torch.arange(lk, device=scores.device)[None, :] <= rows  # [Lq, Lk]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask[..., :lk], float("-inf"))
+    else:
+        scores = scores + attention_mask[..., :lk].float()
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a fully hidden row (padding) attends nothing
+    probs = edit(probs)
+    out = torch.matmul(probs.to(v.dtype), v)  # [B, Hq, Lq, D]
+    return out.transpose(1, 2).contiguous(), probs.to(query.dtype)
 
 
 class _PrepassDone(Exception):  # noqa: N818  (control flow, not an error)
@@ -61,7 +96,16 @@ def _vtc_attention_for(original: str) -> Callable[..., Any]:
             impl = sys.modules[type(module).__module__].eager_attention_forward
         else:
             impl = ALL_ATTENTION_FUNCTIONS[original]
-        out = impl(module, query, key, value, attention_mask, **kwargs)
+        edit = _EDITS.get(module)
+        fn = None
+        if edit is not None:
+            scaling = kwargs.get("scaling")
+            scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+            fn = edit[1](AttentionCall(edit[0], query, key, value, attention_mask, scaling))
+        if fn is not None:
+            out = _edited_attention(module, query, key, value, attention_mask, scaling, fn)
+        else:
+            out = impl(module, query, key, value, attention_mask, **kwargs)
         tap = _TAPS.get(module)
         if tap is not None:
             layer, callback = tap
@@ -127,6 +171,8 @@ class Adapter:
         self._in_prepass = False
         self._original_vision_attn: str | None = None
         self._tower_valid: torch.Tensor | None = None
+        self._in_extra = False
+        self._prefill_call = False
 
     # -- family-specific --------------------------------------------------------------------------
     #: The model class this adapter wraps, for error messages.
@@ -238,12 +284,23 @@ class Adapter:
         first = min([*pipeline.stage_layers, *trim], default=self.num_layers)
         for i in range(first, self.num_layers):
             self._hooks.append(self.layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
-        if pipeline.tap_layers:
+        for i in pipeline.read_layers:  # after the layer hooks, so readers see the compacted input
+            self._hooks.append(self.layers[i].register_forward_pre_hook(self._reader_hook(i), with_kwargs=True))
+        if pipeline.tap_layers or pipeline.edit_layers:
             original = self.text_config._attn_implementation or "eager"
+            if pipeline.edit_layers and original not in EDITABLE_ATTENTION:
+                raise ValueError(
+                    f"editing attention weights needs the model loaded with attn_implementation='sdpa' or "
+                    f"'eager'; this one uses {original!r}."
+                )
             self.text_config._attn_implementation = _register_attention(original)
             self._original_attn = original
             for i in pipeline.tap_layers:
                 _TAPS[self.attention_module(self.layers[i])] = (i, self._tap_callback)
+            for i in pipeline.edit_layers:
+                _EDITS[self.attention_module(self.layers[i])] = (i, self._edit_callback)
+        if pipeline.output_methods:
+            self._hooks.append(self.model.register_forward_hook(self._on_output, with_kwargs=True))
         self._install_vision(pipeline)
 
     def uninstall(self) -> None:
@@ -252,6 +309,7 @@ class Adapter:
         self._hooks.clear()
         for layer in [*self.layers, *(self.vision_encoder_layers() or [])]:
             _TAPS.pop(self.attention_module(layer), None)
+            _EDITS.pop(self.attention_module(layer), None)
         if self._original_attn is not None:
             self.text_config._attn_implementation = self._original_attn
             self._original_attn = None
@@ -262,6 +320,7 @@ class Adapter:
         self._fwd = None
         self._pending_visual = None
         self._pipeline = None
+        self._in_extra = False
 
     # -- hooks ------------------------------------------------------------------------------------
     def _on_vlm(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -292,6 +351,8 @@ class Adapter:
                 "cannot be compacted after pruning. Pass the 2-D mask instead."
             )
         past = cache.get_seq_length() if cache is not None else 0
+        if not self._in_extra:
+            self._prefill_call = past == 0
         if past == 0:
             if use_cache and cache is None:
                 from transformers import DynamicCache
@@ -304,9 +365,10 @@ class Adapter:
             state = VisualTokenState.initial(visual, valid, self.visual_coords(visual, kwargs))
             self._fwd = Forward(True, state, cache, [Segment(0, state)], prompt_len=length)
             self._fwd.boundaries.append(boundary(0, state))
-            self.stats = TokenStats(dims=self.stats.dims)
-            self.stats.image_tokens = self.image_token_counts(visual)
-            self._pipeline.on_forward_start()
+            if not self._in_extra:  # a decoding method's extra forward keeps the stats and buffers
+                self.stats = TokenStats(dims=self.stats.dims)
+                self.stats.image_tokens = self.image_token_counts(visual)
+                self._pipeline.on_forward_start()
             if self._pipeline.prepass_layer is not None:
                 self._run_prepass(kwargs, self._pipeline.prepass_layer)
         else:
@@ -321,7 +383,8 @@ class Adapter:
             if positions is None:  # what the backbone will use: positions after the cached ones
                 positions = (torch.arange(length, device=embeds.device) + past).expand(batch, length)
             self._fwd = Forward(False, None, cache, segments, user_mask, positions, record.prompt_len if record else 0)
-            self.stats.decode_steps += 1
+            if not self._in_extra:
+                self.stats.decode_steps += 1
         return args, kwargs
 
     def _on_text_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -337,7 +400,11 @@ class Adapter:
                 seg.reset_forward()
             # On the cache object itself, so copies of the cache (copy.deepcopy) carry it along.
             setattr(fwd.cache, RECORD_ATTR, CacheRecord(fwd.prompt_len, fwd.segments))
-        self._fill_layer_stats(fwd)
+        if self._pipeline.text_output_methods:
+            hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+            self._pipeline.on_text_output(hidden, fwd.state)
+        if not self._in_extra:
+            self._fill_layer_stats(fwd)
 
     def _layer_hook(self, i: int) -> Callable[..., tuple[tuple, dict]]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -353,6 +420,50 @@ class Adapter:
             return (hidden, *args[1:]), kwargs
 
         return hook
+
+    def _reader_hook(self, i: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            fwd = self._fwd
+            if fwd is None or self._in_prepass:
+                return
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._pipeline.on_layer_input(LayerContext(i, hidden, fwd.state if fwd.prefill else None, self))
+
+        return hook
+
+    def _edit_callback(self, call: AttentionCall) -> Any:
+        fwd = self._fwd
+        if fwd is None or self._in_prepass:
+            return None
+        return self._pipeline.edit_attention(dataclasses.replace(call, state=fwd.state if fwd.prefill else None))
+
+    @property
+    def current_cache(self) -> Any:
+        """The KV cache of the forward running now (None outside a forward or without a cache)."""
+        return self._fwd.cache if self._fwd is not None else None
+
+    def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self._in_extra:
+            return None
+        return self._pipeline.on_output(StepContext(kwargs, output, self._prefill_call, self))
+
+    def run_extra(self, **kwargs: Any) -> Any:
+        """Run the wrapped model once more inside a decoding step (e.g. an ensemble member).
+
+        Pruning stages and attention edits run as usual; output methods do not (no recursion), and the
+        forward counts in ``stats.extra_forwards`` rather than as a decode step.
+        """
+        if self._in_extra:
+            raise RuntimeError("an extra forward cannot start another extra forward.")
+        saved = self._fwd
+        self._in_extra = True
+        try:
+            out = self.model(**kwargs)
+        finally:
+            self._in_extra = False
+            self._fwd = saved
+        self.stats.extra_forwards += 1
+        return out
 
     def _tap_callback(self, call: AttentionCall) -> None:
         if self._fwd is not None and self._fwd.prefill:

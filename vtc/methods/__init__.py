@@ -1,16 +1,34 @@
 """The built-in methods. One file per method; each registers itself on import."""
 
-from vtc.methods import dart, focusllava, gemfilter, mustdrop, random, sparsevlm  # noqa: F401  (registration)
+from vtc.methods import (  # noqa: F401  (registration)
+    dart,
+    deco,
+    dropout_decoding,
+    focusllava,
+    gemfilter,
+    mustdrop,
+    random,
+    sparsevlm,
+    var,
+)
 from vtc.methods.dart import DART, DARTConfig
+from vtc.methods.deco import DeCo, DeCoConfig
+from vtc.methods.dropout_decoding import DropoutDecoding, DropoutDecodingConfig
 from vtc.methods.focusllava import FocusLLaVA, FocusLLaVAConfig
 from vtc.methods.gemfilter import GemFilter, GemFilterConfig
 from vtc.methods.mustdrop import MustDrop, MustDropConfig
 from vtc.methods.random import Random, RandomConfig
 from vtc.methods.sparsevlm import SparseVLM, SparseVLMConfig
+from vtc.methods.var import VAR, VARConfig
 
 __all__ = [
     "DART",
+    "VAR",
     "DARTConfig",
+    "DeCo",
+    "DeCoConfig",
+    "DropoutDecoding",
+    "DropoutDecodingConfig",
     "FocusLLaVA",
     "FocusLLaVAConfig",
     "GemFilter",
@@ -21,4 +39,5 @@ __all__ = [
     "RandomConfig",
     "SparseVLM",
     "SparseVLMConfig",
+    "VARConfig",
 ]
