@@ -265,9 +265,12 @@ def report(
 def report_from_stats(stats: TokenStats, dims: ModelDims, formula: Formula = "paper") -> FlopsReport:
     """The report of the forward that `stats` describes (``handle.stats.flops``)."""
     rows = [list(col) for col in zip(*stats.tokens_per_layer, strict=True)]  # [row][layer]
-    dense = [[r[0]] * dims.num_layers for r in rows]
-    images = list(stats.image_tokens)
     prepass = [list(col) for col in zip(*stats.prepass_tokens_per_layer, strict=True)]
+    # The dense model runs the whole prompt through every layer. A pre-pass (GemFilter) sees the whole prompt
+    # while the real forward starts already filtered, so the prompt length is the pre-pass's first count.
+    firsts = [p[0] for p in prepass] if prepass else [r[0] for r in rows]
+    dense = [[n] * dims.num_layers for n in firsts]
+    images = list(stats.image_tokens)
     cached = [list(col) for col in zip(*stats.cache_tokens_per_layer, strict=True)] or None
     return report(dims, rows, dense, images, stats.decode_steps, formula, prepass, cached)
 

@@ -135,3 +135,18 @@ def test_bad_settings():
         GemFilterConfig(keep=3, keep_ratio=0.5)
     with pytest.raises(ValueError, match=r"use 0\.\.3"):
         vtc.wrap(tiny("llava"), "gemfilter", layer=7)
+
+
+def test_stats_flops_compare_with_the_whole_prompt(family):
+    """Dense FLOPs are the whole prompt's, not the filtered forward's; the pre-pass is counted as extra work."""
+    model = tiny(family)
+    inputs, _ = batch_for(model, family, batch=2)
+    with torch.no_grad():
+        with vtc.apply(model, "dart.noop") as handle:
+            model(**forward_inputs(family, inputs))
+            dense = handle.stats.flops
+        with vtc.apply(model, vtc.resolve("gemfilter", keep=8)) as handle:
+            model(**forward_inputs(family, inputs))
+            filtered = handle.stats.flops
+    assert filtered.per_layer_dense == dense.per_layer
+    assert filtered.prefill < dense.prefill_dense
