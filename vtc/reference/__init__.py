@@ -1,0 +1,1 @@
+"""The embedded reference VLM trained on ShapesQA (see vtc.reference.model)."""

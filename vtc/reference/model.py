@@ -1,0 +1,123 @@
+"""The reference VLM: a small LLaVA (CLIP tower, MLP projector, Llama LM) with its own word-level tokenizer.
+
+It is a stock ``LlavaForConditionalGeneration`` with a stock ``LlavaProcessor``: everything vtc does to it,
+it does to LLaVA-1.5. The shipped weights (``weights/``, fp16 safetensors) were trained from scratch on
+ShapesQA by ``python -m vtc.reference.train``; :func:`load` reads them through ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vtc.eval import shapesqa
+
+WEIGHTS = Path(__file__).parent / "weights"
+IMAGE_TOKEN = "<image>"
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN)
+# Every word a ShapesQA prompt or answer uses, and the LLaVA-1.5 conversation words.
+WORDS = (
+    "USER", "ASSISTANT", ":", "?", ".", ",", "a", "an", "the", "is", "are", "there", "in", "image", "what",
+    "color", "how", "many", "shapes", "left", "right", "above", "below", "or", "of", "describe", "and",
+    "yes", "no", *shapesqa.SHAPES, *shapesqa.COLORS, *(str(d) for d in range(10)),
+)  # fmt: skip
+# The LLaVA-1.5 conversation format, as a chat template so processors and harnesses can apply it.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %} "
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: "
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+IMAGE_SIZE, PATCH = shapesqa.IMAGE_SIZE, 8  # 12 x 12 = 144 visual tokens per image
+
+
+def prompt(question: str) -> str:
+    """The text the processor expands (what :data:`CHAT_TEMPLATE` renders for one user turn)."""
+    return f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
+
+
+def build_tokenizer() -> Any:
+    """A word-level fast tokenizer over ShapesQA's vocabulary (``<s>`` first, padding on the left)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate((*SPECIALS, *WORDS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tok.add_special_tokens(list(SPECIALS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        padding_side="left", extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )  # fmt: skip
+
+
+def build_processor(tokenizer: Any | None = None) -> Any:
+    """A ``LlavaProcessor``: CLIP preprocessing at 96 px, and ``<image>`` expanded to 144 tokens."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    # The PIL backend: the default one needs torchvision, which CPU installs here do not have.
+    images = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=True, do_convert_rgb=True,
+    )  # fmt: skip
+    return LlavaProcessor(
+        image_processor=images, tokenizer=tokenizer or build_tokenizer(), patch_size=PATCH,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )  # fmt: skip
+
+
+def build_config(tokenizer: Any | None = None) -> Any:
+    """The architecture: a 4-layer CLIP tower (128 wide) and a 4-layer Llama LM (192 wide, GQA)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    tokenizer = tokenizer or build_tokenizer()
+    vision = CLIPVisionConfig(
+        image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, projection_dim=128,
+    )  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=64 * -(-len(tokenizer) // 64), hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(IMAGE_SIZE // PATCH) ** 2, vision_feature_select_strategy="default",
+        vision_feature_layer=-1, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+
+
+def build_model(seed: int = 0, attn_implementation: str = "sdpa") -> Any:
+    """A freshly initialised reference model (what training starts from)."""
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration._from_config(build_config(), attn_implementation=attn_implementation)
+    model.generation_config.pad_token_id = model.config.pad_token_id
+    model.generation_config.eos_token_id = model.config.text_config.eos_token_id
+    return model
+
+
+def load(
+    path: str | Path | None = None, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+) -> tuple[Any, Any]:
+    """The trained reference model and its processor, through the standard ``from_pretrained`` API."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = Path(path) if path is not None else WEIGHTS
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no reference model at {path} (config.json is missing); train one with "
+            "`python -m vtc.reference.train --out <dir>` or pass the folder it wrote."
+        )
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    return model.eval(), AutoProcessor.from_pretrained(path)
