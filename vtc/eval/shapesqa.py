@@ -46,6 +46,7 @@ COLORS = {
 SHAPE_PRIOR = (0.28, 0.22, 0.16, 0.13, 0.11, 0.10)
 COLOR_PRIOR = (0.27, 0.21, 0.17, 0.14, 0.11, 0.10)
 TYPES = ("exist", "color", "count", "position", "describe")
+QUESTION_TYPES = TYPES[:4]  # answered with a word; "describe" asks for a description
 POPE_SUBSETS = ("random", "popular", "adversarial")
 IMAGE_SIZE = 96
 MAX_OBJECTS = 4
@@ -342,7 +343,10 @@ def is_correct(row: dict, prediction: str) -> bool:
 
 
 def score(rows: list[dict], predictions: list[str]) -> dict[str, float]:
-    """ShapesQA's metrics: accuracy (all five types) and per type, POPE over ``exist``, CHAIR over ``describe``.
+    """ShapesQA's metrics: accuracy, per type, POPE over ``exist``, CHAIR over ``describe``.
+
+    ``accuracy`` is over the questions (``QUESTION_TYPES``); descriptions are a generation task, scored by
+    ``acc_describe`` (exactly the scene's objects named) and CHAIR.
 
     ``pope_*`` are :func:`vtc.eval.scoring.pope_metrics` of the ``exist`` rows (lower-cased exact yes / no);
     ``chair_i`` / ``chair_s`` are :func:`vtc.eval.scoring.chair` of the descriptions.
@@ -354,7 +358,8 @@ def score(rows: list[dict], predictions: list[str]) -> dict[str, float]:
     right: dict[str, list[bool]] = {}
     for row, pred in zip(rows, predictions, strict=True):
         right.setdefault(row["type"], []).append(is_correct(row, pred))
-    result = {"accuracy": sum(sum(v) for v in right.values()) / max(len(rows), 1), "n": float(len(rows))}
+    answered = [ok for t, v in right.items() if t in QUESTION_TYPES for ok in v]
+    result = {"accuracy": sum(answered) / max(len(answered), 1), "n": float(len(rows))}
     result.update({f"acc_{t}": sum(v) / len(v) for t, v in sorted(right.items())})
     exist = [(p, r["answer"]) for r, p in zip(rows, predictions, strict=True) if r["type"] == "exist"]
     if exist:
