@@ -147,3 +147,13 @@ def check_fraction(method: str, name: str, value: Any, *, optional: bool = False
     if not ok:
         interval = "[0, 1]" if closed_low else "(0, 1]"
         raise ValueError(f"{method}: {name} must be a number in {interval}; got {value!r}.")
+
+
+def check_keep(config: MethodConfig, method: str, default_keep: int) -> None:
+    """Validate a ``keep`` / ``keep_ratio`` pair: at most one is set; with neither, ``keep = default_keep``."""
+    if config.keep is not None and config.keep_ratio is not None:
+        raise ValueError(f"{method}: set only one of keep, keep_ratio.")
+    if config.keep is None and config.keep_ratio is None:
+        object.__setattr__(config, "keep", default_keep)
+    check_int(method, "keep", config.keep, 0, optional=True)
+    check_fraction(method, "keep_ratio", config.keep_ratio, optional=True)

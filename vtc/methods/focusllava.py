@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from vtc import kernels
-from vtc.config import MethodConfig, check_fraction, check_int
+from vtc.config import MethodConfig, check_int, check_keep
 from vtc.errors import UnknownMethodError
 from vtc.method import (
     AttentionCall,
@@ -74,12 +74,7 @@ class FocusLLaVAConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.keep is not None and self.keep_ratio is not None:
-            raise ValueError("focusllava: set only one of keep, keep_ratio.")
-        if self.keep is None and self.keep_ratio is None:
-            object.__setattr__(self, "keep", 192)
-        check_int("focusllava", "keep", self.keep, 0, optional=True)
-        check_fraction("focusllava", "keep_ratio", self.keep_ratio, optional=True)
+        check_keep(self, "focusllava", default_keep=192)
         check_int("focusllava", "layer", self.layer, -10_000)
         if not -1.0 <= self.redundancy <= 1.0:
             raise ValueError(f"focusllava: redundancy is a cosine in [-1, 1]; got {self.redundancy!r}.")

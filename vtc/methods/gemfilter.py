@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from vtc import kernels
-from vtc.config import MethodConfig, check_fraction, check_int
+from vtc.config import MethodConfig, check_int, check_keep
 from vtc.method import AttentionCall, HookPoint, LayerContext, Method, Selection, register_method, resolve_layer
 
 # The paper filters at layer 13 of LLaMA-3.1-8B's 32; without a layer, vtc takes the same depth fraction.
@@ -51,13 +51,8 @@ class GemFilterConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.keep is not None and self.keep_ratio is not None:
-            raise ValueError("gemfilter: set only one of keep, keep_ratio.")
-        if self.keep is None and self.keep_ratio is None:
-            object.__setattr__(self, "keep", 128)
+        check_keep(self, "gemfilter", default_keep=128)
         check_int("gemfilter", "layer", self.layer, -10_000, optional=True)
-        check_int("gemfilter", "keep", self.keep, 0, optional=True)
-        check_fraction("gemfilter", "keep_ratio", self.keep_ratio, optional=True)
         check_int("gemfilter", "pool_kernel", self.pool_kernel, 1)
         if self.pool_kernel % 2 == 0:
             raise ValueError(f"gemfilter: pool_kernel must be odd so scores stay centred; got {self.pool_kernel}.")

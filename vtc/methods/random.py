@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from vtc.config import MethodConfig, check_fraction, check_int
+from vtc.config import MethodConfig, check_int, check_keep
 from vtc.method import LayerContext, ScoringPruner, register_method, resolve_layer
 
 _MASK32 = 0xFFFFFFFF
@@ -47,13 +47,8 @@ class RandomConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.keep is not None and self.keep_ratio is not None:
-            raise ValueError("random: set only one of keep, keep_ratio.")
-        if self.keep is None and self.keep_ratio is None:
-            object.__setattr__(self, "keep", 128)
+        check_keep(self, "random", default_keep=128)
         check_int("random", "layer", self.layer, -10_000)
-        check_int("random", "keep", self.keep, 0, optional=True)
-        check_fraction("random", "keep_ratio", self.keep_ratio, optional=True)
         check_int("random", "seed", self.seed, 0)
 
 
