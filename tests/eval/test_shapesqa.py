@@ -99,6 +99,7 @@ def test_is_correct(answer, prediction, ok):
 
 def test_mentioned_objects_marks_a_missing_colour():
     assert shapesqa.mentioned_objects("a circle, two stars and a Blue square.") == ["? circle", "? star", "blue square"]
+    assert shapesqa.mentioned_objects("two white crosses") == ["white cross"]  # plural in -es
 
 
 def test_unknown_split_and_type_are_refused(tmp_path):

@@ -324,15 +324,14 @@ def normalize(text: str) -> str:
 
 
 def mentioned_objects(text: str) -> list[str]:
-    """The objects a description names, as ``"<color> <shape>"`` (``"? <shape>"`` without a colour)."""
-    words = normalize(text).split()
-    out = []
-    for i, w in enumerate(words):
-        shape = w[:-1] if w.endswith("s") and w[:-1] in SHAPES else w
-        if shape in SHAPES:
-            color = words[i - 1] if i > 0 and words[i - 1] in COLORS else "?"
-            out.append(f"{color} {shape}")
-    return out
+    """The objects a description names, as ``"<color> <shape>"`` (``"? <shape>"`` without a colour).
+
+    The same mentions CHAIR counts (:func:`vtc.eval.scoring.shape_mentions`), so a description is judged
+    correct and scored for hallucination by one parser.
+    """
+    from vtc.eval.scoring import shape_mentions
+
+    return [f"{color or '?'} {shape}" for color, shape in shape_mentions(text)]
 
 
 def is_correct(row: dict, prediction: str) -> bool:
