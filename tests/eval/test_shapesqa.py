@@ -131,3 +131,16 @@ def test_score_by_hand():
     assert got["chair_i"] == pytest.approx(1 / 4) and got["chair_s"] == 0.5
     with pytest.raises(ValueError, match="one prediction per row"):
         shapesqa.score(rows, predictions[:-1])
+
+
+def test_conversations_pair_a_true_and_a_false_existence_question_and_end_with_the_description():
+    for seed in range(50):
+        scene, examples = shapesqa.sample_conversation(seed)
+        assert examples == shapesqa.sample_conversation(seed)[1]
+        exist = [ex for ex in examples if ex.type == "exist"]
+        assert sorted(ex.answer for ex in exist) == ["no", "yes"]
+        for ex in exist:
+            name = ex.question.removeprefix("is there a ").removesuffix(" in the image ?")
+            assert (name in scene.names) == (ex.answer == "yes"), (scene.names, ex)
+        assert examples[-1].type == "describe" and examples[-1].answer == shapesqa.describe(scene)
+        assert [ex.type for ex in examples].count("count") == 1

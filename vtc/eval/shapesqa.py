@@ -16,7 +16,8 @@ Scenes are coloured shapes on textured backgrounds, small enough (96 x 96 by def
 
 A split on disk is ``<root>/<split>.jsonl`` (one JSON object per row: ``id``, ``image`` relative to
 ``<root>``, ``question``, ``answer``, ``type``, ``pope``, ``objects``) plus ``<root>/images/*.png``, the
-layout the eval harness reads. Training streams examples from :func:`sample_example` instead, with seeds
+layout the eval harness reads. Training streams examples from :func:`sample_example` (one question) or
+:func:`sample_conversation` (every kind of question about one scene) instead, with seeds
 disjoint from the held-out splits'. A video variant can reuse :class:`Scene` with per-frame positions
 (moving shapes: order of appearance, direction of motion).
 """
@@ -264,6 +265,24 @@ def sample_example(seed: int, kind: str | None = None) -> tuple[Scene, Example]:
         ex = make_example(scene, rng, t, positive=rng.random() < 0.5, subset=rng.choice(POPE_SUBSETS))
         if ex is not None:
             return scene, ex
+
+
+def sample_conversation(seed: int) -> tuple[Scene, list[Example]]:
+    """One scene and every kind of question about it, in a seeded order (the multi-turn training stream).
+
+    Two existence questions, one true and one false (a contrastive pair on the same image, so that the
+    answer must come from binding the colour to the shape), a colour, a count, two position questions
+    (when the scene can pose them) in a random order, then a description (last, so that no answer can be
+    copied from it).
+    """
+    rng = random.Random(seed)
+    scene = sample_scene(rng)
+    kinds = [("exist", True), ("exist", False), ("color", True), ("count", True), ("position", True)]
+    kinds += [("position", True)]
+    examples = [make_example(scene, rng, k, positive=pos, subset=rng.choice(POPE_SUBSETS)) for k, pos in kinds]
+    examples = [ex for ex in examples if ex is not None]
+    rng.shuffle(examples)
+    return scene, [*examples, make_example(scene, rng, "describe")]
 
 
 def split_rows(split: str, n: int) -> Iterator[tuple[dict, Scene]]:

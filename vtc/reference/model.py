@@ -74,8 +74,8 @@ def build_processor(tokenizer: Any | None = None) -> Any:
     )  # fmt: skip
 
 
-def build_config(tokenizer: Any | None = None) -> Any:
-    """The architecture: a 4-layer CLIP tower (128 wide) and a 4-layer Llama LM (192 wide, GQA)."""
+def build_config(tokenizer: Any | None = None, *, text_layers: int = 4, text_width: int = 192) -> Any:
+    """The architecture: a 4-layer CLIP tower (128 wide) and a Llama LM (4 layers, 192 wide, GQA by default)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     tokenizer = tokenizer or build_tokenizer()
@@ -84,8 +84,9 @@ def build_config(tokenizer: Any | None = None) -> Any:
         num_attention_heads=4, projection_dim=128,
     )  # fmt: skip
     text = LlamaConfig(
-        vocab_size=64 * -(-len(tokenizer) // 64), hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+        vocab_size=64 * -(-len(tokenizer) // 64), hidden_size=text_width, intermediate_size=8 * text_width // 3,
+        num_hidden_layers=text_layers, num_attention_heads=text_width // 32, num_key_value_heads=2,
+        max_position_embeddings=512, rms_norm_eps=1e-5,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
     )  # fmt: skip
@@ -96,12 +97,13 @@ def build_config(tokenizer: Any | None = None) -> Any:
     )  # fmt: skip
 
 
-def build_model(seed: int = 0, attn_implementation: str = "sdpa") -> Any:
+def build_model(seed: int = 0, attn_implementation: str = "sdpa", **architecture: int) -> Any:
     """A freshly initialised reference model (what training starts from)."""
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration._from_config(build_config(), attn_implementation=attn_implementation)
+    config = build_config(**architecture)
+    model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
     model.generation_config.pad_token_id = model.config.pad_token_id
     model.generation_config.eos_token_id = model.config.text_config.eos_token_id
     return model

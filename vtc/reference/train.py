@@ -23,7 +23,7 @@ import torch
 
 from vtc.eval import shapesqa
 from vtc.reference import evaluate
-from vtc.reference.model import build_model, build_processor, prompt
+from vtc.reference.model import IMAGE_TOKEN, build_model, build_processor, prompt
 
 
 def patch_targets(scene: shapesqa.Scene, patch: int) -> torch.Tensor:
@@ -44,25 +44,95 @@ def patch_targets(scene: shapesqa.Scene, patch: int) -> torch.Tensor:
     return torch.stack([colors[best], shapes[best]])
 
 
-def training_batch(processor, step: int, batch: int, seed: int, patch: int | None = None) -> dict[str, torch.Tensor]:
+def answer_labels(input_ids: torch.Tensor, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` with every token outside the answers set to -100, and each labelled token's weight.
+
+    An answer is what follows ``ASSISTANT :`` up to and including ``</s>``, in every turn of the row. Its
+    tokens weigh ``1 / len(answer)``, so that every answer counts once in the loss however long it is (a
+    description would otherwise outweigh the one-word answers).
+    """
+    assistant, colon = tokenizer.convert_tokens_to_ids(["ASSISTANT", ":"])
+    labels = torch.full_like(input_ids, -100)
+    weights = torch.zeros(input_ids.shape)
+    for i, row in enumerate(input_ids.tolist()):
+        start = None
+        for t, token in enumerate(row):
+            if start is not None:
+                labels[i, t] = token
+                if token == tokenizer.eos_token_id:
+                    weights[i, start : t + 1] = 1 / (t + 1 - start)
+                    start = None
+            elif t and token == colon and row[t - 1] == assistant:
+                start = t + 1
+    return labels, weights
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy on the labelled tokens, each answer weighing the same."""
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
+    )
+    w = weights[:, 1:]
+    return (ce * w).sum() / w.sum()
+
+
+EARLY_TYPES = ("exist", "color", "position")  # one-word answers that hinge on finding named objects
+
+
+def early_targets(input_ids: torch.Tensor, conversations: list[list[shapesqa.Example]], tokenizer) -> torch.Tensor:
+    """``[B, T]``: the answer word's id at the last shape word of each question whose type is in EARLY_TYPES.
+
+    The training loss reads these positions out of a middle layer. It is deep supervision for the step a
+    tiny model otherwise fails to find: fetching the named object from the image at the question's own
+    words (where the name is), so that the answer position only has to copy it from there.
+    """
+    user, colon, image = tokenizer.convert_tokens_to_ids(["USER", ":", IMAGE_TOKEN])
+    targets = torch.full_like(input_ids, -100)
+    for i, (row, examples) in enumerate(zip(input_ids.tolist(), conversations, strict=True)):
+        starts = [t + 1 for t in range(1, len(row)) if row[t] == colon and row[t - 1] == user]
+        for start, ex in zip(starts, examples, strict=True):
+            while row[start] == image:
+                start += 1
+            words = ex.question.split()
+            if ex.type not in EARLY_TYPES:
+                continue
+            offset = max(k for k, w in enumerate(words) if w in shapesqa.SHAPES)
+            assert row[start + offset] == tokenizer.convert_tokens_to_ids(words[offset]), (ex, start)
+            targets[i, start + offset] = tokenizer.convert_tokens_to_ids(ex.answer)
+    return targets
+
+
+def training_batch(
+    processor, step: int, batch: int, seed: int, patch: int | None = None, turns: int = 1
+) -> dict[str, torch.Tensor]:
     """Examples ``step * batch ...`` of the stream, with labels on the answer tokens and ``</s>`` only.
 
+    With ``turns`` above 1, each row is a conversation about one image: the first ``turns`` questions of
+    :func:`shapesqa.sample_conversation`, every answer labelled. The first turn is the single-question
+    prompt the model is evaluated on; later turns reuse the image's tokens for more supervision per step.
     With ``patch``, also ``patch_targets`` ``[B, 2, P]`` for the tower's auxiliary loss.
     """
     tok = processor.tokenizer
-    images, texts, answer_lengths, targets = [], [], [], []
+    images, texts, targets, conversations = [], [], [], []
     for j in range(batch):
-        scene, ex = shapesqa.sample_example(seed * 100_000_000 + step * batch + j)
+        index = seed * 100_000_000 + step * batch + j
+        if turns == 1:
+            scene, ex = shapesqa.sample_example(index)
+            examples = [ex]
+        else:
+            scene, examples = shapesqa.sample_conversation(index)
+            examples = examples[:turns]
+        conversations.append(examples)
         images.append(shapesqa.render(scene))
         if patch is not None:
             targets.append(patch_targets(scene, patch))
-        texts.append(f"{prompt(ex.question)} {ex.answer} {tok.eos_token}")
-        answer_lengths.append(len(tok(ex.answer, add_special_tokens=False).input_ids) + 1)
+        first, *rest = examples
+        text = f"{prompt(first.question)} {first.answer} {tok.eos_token}"
+        text += "".join(f" USER: {ex.question} ASSISTANT: {ex.answer} {tok.eos_token}" for ex in rest)
+        texts.append(text)
     inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
-    labels = torch.full_like(inputs["input_ids"], -100)
-    for i, n in enumerate(answer_lengths):  # padding is on the left, so each answer ends the row
-        labels[i, -n:] = inputs["input_ids"][i, -n:]
-    inputs["labels"] = labels
+    inputs["labels"], inputs["answer_weights"] = answer_labels(inputs["input_ids"], tok)
+    inputs["early_targets"] = early_targets(inputs["input_ids"], conversations, tok)
     if patch is not None:
         inputs["patch_targets"] = torch.stack(targets)
     return inputs
@@ -78,11 +148,17 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vtc.reference.train", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for the weights, processor, log and metrics")
-    p.add_argument("--steps", type=int, default=2400)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3600)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--turns", type=int, default=7, help="questions per image (1: single-question rows)")
+    p.add_argument("--eval-every", type=int, default=0, help="probe val every N steps (0: never)")
+    p.add_argument("--text-layers", type=int, default=4, help="layers of the language model")
+    p.add_argument("--text-width", type=int, default=192, help="hidden size of the language model")
+    p.add_argument("--early-weight", type=float, default=1.0, help="weight of the early-answer loss")
+    p.add_argument("--early-layer", type=int, default=2, help="the layer whose output answers early")
     p.add_argument("--threads", type=int, default=2, help="torch threads; fixed so reruns retrace the run")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast dtype of the steps")
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the tower's per-patch loss")
@@ -103,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"command: python -m vtc.reference.train {' '.join(argv if argv is not None else sys.argv[1:])}")
     say(f"torch {torch.__version__}, python {platform.python_version()}, threads {args.threads}")
     processor = build_processor()
-    model = build_model(args.seed).train()
+    model = build_model(args.seed, text_layers=args.text_layers, text_width=args.text_width).train()
     say(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
     # The auxiliary head reads the tower's last layer (the features the projector takes) and is dropped
     # after training: the saved model is a stock LLaVA.
@@ -126,18 +202,42 @@ def main(argv: list[str] | None = None) -> int:
     decay = [p for n, p in params if p.ndim >= 2]
     rest = [p for n, p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}])
-    started, running = time.perf_counter(), None
+    val_root = tempfile.TemporaryDirectory()
+    shapesqa.write_split(val_root.name, "val", args.eval_rows)
+    val_rows = shapesqa.read_split(val_root.name, "val")
+
+    def validate(rows: list[dict]) -> dict[str, float]:
+        model.eval()
+        metrics = shapesqa.score(rows, evaluate.predict(model, processor, rows, val_root.name))
+        model.train()
+        return metrics
+
+    started, running, answers, early_running = time.perf_counter(), None, None, None
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        inputs = training_batch(processor, step, args.batch, args.seed, patch=vision.patch_size)
+        inputs = training_batch(processor, step, args.batch, args.seed, patch=vision.patch_size, turns=args.turns)
         targets = inputs.pop("patch_targets")  # [B, 2, P]
+        labels, weights = inputs.pop("labels"), inputs.pop("answer_weights")
+        early = inputs.pop("early_targets")
         tower_out.clear()
         projected.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            loss = model(**inputs).loss
+            output = model(**inputs, output_hidden_states=args.early_weight > 0)
+            if args.early_weight > 0:  # the middle layer read through the final norm and the LM head
+                at = early != -100
+                middle = output.hidden_states[args.early_layer][at]
+                early_logits = model.lm_head(model.model.language_model.norm(middle))
             aux = head(tower_out[-1][:, 1:])  # CLS dropped: [B, P, 2 * classes]
             words = projected[-1] @ model.get_input_embeddings().weight.T  # [B, P, V]
+        loss = answer_loss(output.logits, labels, weights)
+        answered = loss.item()
+        if args.early_weight > 0 and at.any():
+            early_loss = torch.nn.functional.cross_entropy(early_logits.float(), early[at])
+            loss = loss + args.early_weight * early_loss
+            early_running = (
+                early_loss.item() if early_running is None else 0.95 * early_running + 0.05 * early_loss.item()
+            )
         aux = aux.float().reshape(*aux.shape[:2], 2, -1).permute(0, 3, 2, 1)  # [B, classes, 2, P]
         loss = loss + args.aux_weight * torch.nn.functional.cross_entropy(aux, targets)
         on_object = targets - 1  # [B, 2, P]; -1 = background, ignored
@@ -150,18 +250,21 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        answers = answered if answers is None else 0.95 * answers + 0.05 * answered
         if step % 50 == 0 or step == args.steps - 1:
             lr, seconds = opt.param_groups[0]["lr"], time.perf_counter() - started
-            say(f"step {step:5d}  loss {running:.4f}  lr {lr:.2e}  {seconds:6.0f} s")
+            early_part = f"  early {early_running:.4f}" if early_running is not None else ""
+            say(f"step {step:5d}  loss {running:.4f}  answers {answers:.4f}{early_part}  lr {lr:.2e}  {seconds:6.0f} s")
+        if args.eval_every and step and step % args.eval_every == 0 and step < args.steps - 1:
+            probe = validate(val_rows[: min(len(val_rows), 250)])
+            say(f"step {step:5d}  val[:250] " + "  ".join(f"{t} {probe['acc_' + t]:.3f}" for t in shapesqa.TYPES))
     train_s = time.perf_counter() - started
     for hook in hooks:
         hook.remove()
 
+    metrics = validate(val_rows)
+    val_root.cleanup()
     model.eval()
-    with tempfile.TemporaryDirectory() as root:
-        shapesqa.write_split(root, "val", args.eval_rows)
-        rows = shapesqa.read_split(root, "val")
-        metrics = shapesqa.score(rows, evaluate.predict(model, processor, rows, root))
     metrics.update(train_seconds=round(train_s), steps=args.steps, batch=args.batch, seed=args.seed)
     say("val: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
     model.to(torch.float16).save_pretrained(out)
