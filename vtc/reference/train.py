@@ -91,11 +91,11 @@ def early_targets(input_ids: torch.Tensor, conversations: list[list[shapesqa.Exa
     for i, (row, examples) in enumerate(zip(input_ids.tolist(), conversations, strict=True)):
         starts = [t + 1 for t in range(1, len(row)) if row[t] == colon and row[t - 1] == user]
         for start, ex in zip(starts, examples, strict=True):
-            while row[start] == image:
-                start += 1
-            words = ex.question.split()
             if ex.type not in EARLY_TYPES:
                 continue
+            while row[start] == image:  # the first turn's question follows the image
+                start += 1
+            words = ex.question.split()
             offset = max(k for k, w in enumerate(words) if w in shapesqa.SHAPES)
             assert row[start + offset] == tokenizer.convert_tokens_to_ids(words[offset]), (ex, start)
             targets[i, start + offset] = tokenizer.convert_tokens_to_ids(ex.answer)
