@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import platform
+import random
 import sys
 import tempfile
 import time
@@ -26,19 +27,23 @@ from vtc.reference import evaluate
 from vtc.reference.model import IMAGE_TOKEN, build_model, build_processor, prompt
 
 
+def coverage(scene: shapesqa.Scene, patch: int) -> torch.Tensor:
+    """``[objects, P]``: the fraction of each patch (raster order) that each object covers."""
+    objects = torch.from_numpy(shapesqa.object_map(scene).astype("int64"))  # [H, W], 0 = background
+    g = scene.size // patch
+    cells = objects.reshape(g, patch, g, patch).permute(0, 2, 1, 3).reshape(g * g, patch * patch)
+    counts = torch.nn.functional.one_hot(cells, len(scene.objects) + 1).sum(dim=1)  # [P, objects + 1]
+    return counts[:, 1:].T / (patch * patch)
+
+
 def patch_targets(scene: shapesqa.Scene, patch: int) -> torch.Tensor:
     """``[2, P]`` per patch (raster order): 1 + colour and 1 + shape of the object covering most of it, or 0.
 
     An object counts when it covers at least a quarter of the patch. These are the auxiliary targets that
     teach the tower to see before the language model has learned to ask it anything.
     """
-    objects = torch.from_numpy(shapesqa.object_map(scene).astype("int64"))  # [H, W], 0 = background
-    g = scene.size // patch
-    cells = objects.reshape(g, patch, g, patch).permute(0, 2, 1, 3).reshape(g * g, patch * patch)
-    counts = torch.nn.functional.one_hot(cells, len(scene.objects) + 1).sum(dim=1)  # [P, objects + 1]
-    counts[:, 0] = 0
-    best = counts.argmax(dim=1)
-    best = torch.where(counts.max(dim=1).values * 4 >= patch * patch, best, 0)
+    cover = coverage(scene, patch)
+    best = torch.where(cover.max(dim=0).values >= 0.25, 1 + cover.argmax(dim=0), 0)
     colors = torch.tensor([0] + [1 + list(shapesqa.COLORS).index(o.color) for o in scene.objects])
     shapes = torch.tensor([0] + [1 + shapesqa.SHAPES.index(o.shape) for o in scene.objects])
     return torch.stack([colors[best], shapes[best]])
@@ -79,6 +84,37 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tenso
 EARLY_TYPES = ("exist", "color", "position")  # one-word answers that hinge on finding named objects
 
 
+def question_starts(row: list[int], examples: list[shapesqa.Example], tokenizer) -> list[int]:
+    """Where each turn's question begins in a tokenised conversation (after ``USER :`` and the image)."""
+    user, colon, image = tokenizer.convert_tokens_to_ids(["USER", ":", IMAGE_TOKEN])
+    starts = [t + 1 for t in range(1, len(row)) if row[t] == colon and row[t - 1] == user]
+    for k, start in enumerate(starts):
+        while row[start] == image:  # the first turn's question follows the image
+            start += 1
+        starts[k] = start
+    if len(starts) != len(examples):
+        raise ValueError(f"found {len(starts)} questions in a row of {len(examples)} turns")
+    return starts
+
+
+def named_objects(scene: shapesqa.Scene, question: str) -> list[tuple[int, int]]:
+    """``(word offset, object index)`` for each shape word of ``question`` that names an object of ``scene``.
+
+    "red circle" names the red circle; a bare "star" (colour questions) names the one star. A name the
+    scene lacks (a negative existence question) names nothing.
+    """
+    words = question.split()
+    named = []
+    for k, word in enumerate(words):
+        if word not in shapesqa.SHAPES:
+            continue
+        color = words[k - 1] if words[k - 1] in shapesqa.COLORS else None
+        hits = [i for i, o in enumerate(scene.objects) if o.shape == word and color in (None, o.color)]
+        if len(hits) == 1:
+            named.append((k, hits[0]))
+    return named
+
+
 def early_targets(input_ids: torch.Tensor, conversations: list[list[shapesqa.Example]], tokenizer) -> torch.Tensor:
     """``[B, T]``: the answer word's id at the last shape word of each question whose type is in EARLY_TYPES.
 
@@ -86,15 +122,11 @@ def early_targets(input_ids: torch.Tensor, conversations: list[list[shapesqa.Exa
     tiny model otherwise fails to find: fetching the named object from the image at the question's own
     words (where the name is), so that the answer position only has to copy it from there.
     """
-    user, colon, image = tokenizer.convert_tokens_to_ids(["USER", ":", IMAGE_TOKEN])
     targets = torch.full_like(input_ids, -100)
     for i, (row, examples) in enumerate(zip(input_ids.tolist(), conversations, strict=True)):
-        starts = [t + 1 for t in range(1, len(row)) if row[t] == colon and row[t - 1] == user]
-        for start, ex in zip(starts, examples, strict=True):
+        for start, ex in zip(question_starts(row, examples, tokenizer), examples, strict=True):
             if ex.type not in EARLY_TYPES:
                 continue
-            while row[start] == image:  # the first turn's question follows the image
-                start += 1
             words = ex.question.split()
             offset = max(k for k, w in enumerate(words) if w in shapesqa.SHAPES)
             assert row[start + offset] == tokenizer.convert_tokens_to_ids(words[offset]), (ex, start)
@@ -102,18 +134,82 @@ def early_targets(input_ids: torch.Tensor, conversations: list[list[shapesqa.Exa
     return targets
 
 
+def attention_targets(
+    input_ids: torch.Tensor,
+    scenes: list[shapesqa.Scene],
+    conversations: list[list[shapesqa.Example]],
+    tokenizer,
+    patch: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each question names an object, that object's patches, and the cell its centre is in.
+
+    Returns ``index`` ``[N, 2]`` (row, token position of the shape word), ``patches`` ``[N, P]`` (True
+    where the named object covers at least a quarter of the patch) and ``cells`` ``[N, 2]`` (the grid row
+    and column of its centre). Training asks one attention head to look at the patches from the name, the
+    retrieval that answer losses alone did not teach the tiny model, and a probe to read the cell from
+    what it fetched, so that position questions have the places to compare.
+    """
+    assistant, colon = tokenizer.convert_tokens_to_ids(["ASSISTANT", ":"])
+    index, patches, cells = [], [], []
+    for i, (row, scene, examples) in enumerate(zip(input_ids.tolist(), scenes, conversations, strict=True)):
+        cover = coverage(scene, patch) >= 0.25  # [objects, P]
+        replies = [t for t in range(1, len(row)) if row[t] == colon and row[t - 1] == assistant]
+        for start, reply, ex in zip(question_starts(row, examples, tokenizer), replies, examples, strict=True):
+            names = [(start + k, obj) for k, obj in named_objects(scene, ex.question)]
+            if ex.type == "describe":  # and the objects a description names, as it names them
+                names += [(reply + 1 + k, obj) for k, obj in named_objects(scene, ex.answer)]
+            for at, obj in names:
+                if cover[obj].any():
+                    index.append((i, at))
+                    patches.append(cover[obj])
+                    cells.append((int(scene.objects[obj].y // patch), int(scene.objects[obj].x // patch)))
+    if not index:
+        none = torch.zeros(0, 2, dtype=torch.long)
+        return none, torch.zeros(0, (scenes[0].size // patch) ** 2, dtype=torch.bool), none
+    return torch.tensor(index), torch.stack(patches), torch.tensor(cells)
+
+
+def relay_targets(
+    input_ids: torch.Tensor, scenes: list[shapesqa.Scene], conversations: list[list[shapesqa.Example]], tokenizer
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, 3]`` (row, from, to) token pairs, one attention head is trained to look along, in two layers.
+
+    ``links``: a position question's second shape word looks at its first (so that both objects' places
+    meet where the comparison is made); ``answers``: the token that predicts an early-answered question's
+    answer (``:`` after ``ASSISTANT``) looks at the question's last shape word, where the early answer is.
+    Without them the tiny model found the right object from its name but did not carry it onward.
+    """
+    assistant, colon = tokenizer.convert_tokens_to_ids(["ASSISTANT", ":"])
+    links, answers = [], []
+    for i, (row, scene, examples) in enumerate(zip(input_ids.tolist(), scenes, conversations, strict=True)):
+        replies = [t for t in range(1, len(row)) if row[t] == colon and row[t - 1] == assistant]
+        for start, reply, ex in zip(question_starts(row, examples, tokenizer), replies, examples, strict=True):
+            if ex.type not in EARLY_TYPES:
+                continue
+            words = ex.question.split()
+            shapes = [k for k, w in enumerate(words) if w in shapesqa.SHAPES]
+            answers.append((i, reply, start + shapes[-1]))
+            if ex.type == "position" and len(named_objects(scene, ex.question)) == 2:
+                links.append((i, start + shapes[1], start + shapes[0]))
+    as_tensor = lambda pairs: torch.tensor(pairs, dtype=torch.long).reshape(-1, 3)  # noqa: E731
+    return as_tensor(links), as_tensor(answers)
+
+
 def training_batch(
-    processor, step: int, batch: int, seed: int, patch: int | None = None, turns: int = 1
+    processor, step: int, batch: int, seed: int, patch: int | None = None, turns: int = 1, describe_every: int = 0
 ) -> dict[str, torch.Tensor]:
     """Examples ``step * batch ...`` of the stream, with labels on the answer tokens and ``</s>`` only.
 
     With ``turns`` above 1, each row is a conversation about one image: the first ``turns`` questions of
     :func:`shapesqa.sample_conversation`, every answer labelled. The first turn is the single-question
     prompt the model is evaluated on; later turns reuse the image's tokens for more supervision per step.
-    With ``patch``, also ``patch_targets`` ``[B, 2, P]`` for the tower's auxiliary loss.
+    The description comes last in a conversation (so that no answer can be copied from it); with
+    ``describe_every`` = k, every k-th row is the description alone, asked first as the evaluation asks it.
+    With ``patch``, also ``patch_targets`` ``[B, 2, P]`` for the tower's auxiliary loss and
+    ``attend_index`` / ``attend_patches`` (:func:`attention_targets`) for the attention loss.
     """
     tok = processor.tokenizer
-    images, texts, targets, conversations = [], [], [], []
+    images, texts, targets, conversations, scenes = [], [], [], [], []
     for j in range(batch):
         index = seed * 100_000_000 + step * batch + j
         if turns == 1:
@@ -121,8 +217,10 @@ def training_batch(
             examples = [ex]
         else:
             scene, examples = shapesqa.sample_conversation(index)
-            examples = examples[:turns]
+            alone = describe_every and j % describe_every == describe_every - 1
+            examples = examples[-1:] if alone else examples[:turns]  # the description is the last turn
         conversations.append(examples)
+        scenes.append(scene)
         images.append(shapesqa.render(scene))
         if patch is not None:
             targets.append(patch_targets(scene, patch))
@@ -135,7 +233,30 @@ def training_batch(
     inputs["early_targets"] = early_targets(inputs["input_ids"], conversations, tok)
     if patch is not None:
         inputs["patch_targets"] = torch.stack(targets)
+        inputs["attend_index"], inputs["attend_patches"], inputs["attend_cells"] = attention_targets(
+            inputs["input_ids"], scenes, conversations, tok, patch
+        )
+        inputs["links"], inputs["replies"] = relay_targets(inputs["input_ids"], scenes, conversations, tok)
     return inputs
+
+
+def tower_loss(aux: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The tower's per-patch loss: ``aux`` ``[B, P, 2 * classes]`` against :func:`patch_targets` ``[B, 2, P]``.
+
+    The colour target names the background too (where objects are); the shape target is scored on object
+    patches only, where all its signal is: averaged with the background, most of which is easy, it
+    taught shapes several times slower.
+    """
+    aux = aux.float().reshape(*aux.shape[:2], 2, -1).permute(0, 3, 2, 1)  # [B, classes, 2, P]
+    colors, shapes = targets.unbind(1)
+    shapes = shapes.masked_fill(shapes == 0, -100)
+    cross_entropy = torch.nn.functional.cross_entropy
+    return cross_entropy(aux[:, :, 0], colors) + cross_entropy(aux[:, :, 1], shapes, ignore_index=-100)
+
+
+def tower_stream(seed: int, step: int, j: int) -> int:
+    """The seed of the ``j``-th scene of tower step ``step``: apart from the conversations' seeds."""
+    return seed * 100_000_000 + 90_000_000 + step * 32 + j
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -154,13 +275,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--turns", type=int, default=7, help="questions per image (1: single-question rows)")
+    p.add_argument("--describe-every", type=int, default=4, help="every k-th row: the description alone")
     p.add_argument("--eval-every", type=int, default=0, help="probe val every N steps (0: never)")
     p.add_argument("--text-layers", type=int, default=4, help="layers of the language model")
     p.add_argument("--text-width", type=int, default=192, help="hidden size of the language model")
     p.add_argument("--early-weight", type=float, default=1.0, help="weight of the early-answer loss")
-    p.add_argument("--early-layer", type=int, default=2, help="the layer whose output answers early")
+    p.add_argument("--early-layer", type=int, default=3, help="the layer whose output answers early")
+    p.add_argument("--attend-weight", type=float, default=1.0, help="weight of the attention loss")
+    p.add_argument("--attend-layer", type=int, default=1, help="the layer whose first head learns to find")
     p.add_argument("--threads", type=int, default=2, help="torch threads; fixed so reruns retrace the run")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast dtype of the steps")
+    p.add_argument("--tower-steps", type=int, default=400, help="steps (of 32 images) training the tower alone")
+    p.add_argument("--where-weight", type=float, default=1.0, help="weight of the projector's position probe")
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the tower's per-patch loss")
     p.add_argument("--align-weight", type=float, default=1.0, help="weight of the projector's word alignment")
     p.add_argument("--eval-rows", type=int, default=1000, help="rows of the val split scored at the end")
@@ -179,7 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     say(f"command: python -m vtc.reference.train {' '.join(argv if argv is not None else sys.argv[1:])}")
     say(f"torch {torch.__version__}, python {platform.python_version()}, threads {args.threads}")
     processor = build_processor()
-    model = build_model(args.seed, text_layers=args.text_layers, text_width=args.text_width).train()
+    # The attention loss needs attention weights, which only the eager implementation returns.
+    attn = "eager" if args.attend_weight > 0 else "sdpa"
+    model = build_model(args.seed, attn, text_layers=args.text_layers, text_width=args.text_width).train()
+    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     say(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
     # The auxiliary head reads the tower's last layer (the features the projector takes) and is dropped
     # after training: the saved model is a stock LLaVA.
@@ -198,7 +327,21 @@ def main(argv: list[str] | None = None) -> int:
     tok = processor.tokenizer
     color_ids = torch.tensor(tok.convert_tokens_to_ids(list(shapesqa.COLORS)))
     shape_ids = torch.tensor(tok.convert_tokens_to_ids(list(shapesqa.SHAPES)))
-    params = [*model.named_parameters(), *(("aux." + n, p) for n, p in head.named_parameters())]
+    # A linear probe of the projector's output for the patch's row and column (dropped after training):
+    # position questions need where each object is to survive into its visual tokens.
+    g = vision.image_size // vision.patch_size
+    where = torch.nn.Linear(model.config.text_config.hidden_size, 2 * g)
+    grid = torch.stack([torch.arange(g * g) // g, torch.arange(g * g) % g])[None]  # [1, 2, P]: row, column
+    probes = [*(("aux." + n, p) for n, p in head.named_parameters())]
+    placed = torch.nn.Linear(model.config.text_config.hidden_size, 2 * g)  # the same, at the names
+    probes += [*(("where." + n, p) for n, p in where.named_parameters())]
+    probes += [*(("placed." + n, p) for n, p in placed.named_parameters())]
+    params = [*model.named_parameters(), *probes]
+    language = [p for n, p in params if n.startswith("model.language_model") or n.startswith("lm_head")]
+    clipped = [
+        language,
+        [p for n, p in params if not (n.startswith("model.language_model") or n.startswith("lm_head"))],
+    ]
     decay = [p for n, p in params if p.ndim >= 2]
     rest = [p for n, p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}])
@@ -212,24 +355,51 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         return metrics
 
-    started, running, answers, early_running = time.perf_counter(), None, None, None
+    started = time.perf_counter()
+    for step in range(args.tower_steps):  # the tower alone first: shapes are the slowest thing it learns
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        scenes = [shapesqa.sample_scene(random.Random(tower_stream(args.seed, step, j))) for j in range(32)]
+        pixels = processor.image_processor([shapesqa.render(s) for s in scenes], return_tensors="pt")["pixel_values"]
+        targets = torch.stack([patch_targets(s, vision.patch_size) for s in scenes])
+        tower_out.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            tower(pixels)
+            aux = head(tower_out[-1][:, 1:])
+        loss = tower_loss(aux, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(clipped[1], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == args.tower_steps - 1:
+            say(f"tower {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - started:6.0f} s")
+
+    running, answers, early_running, found_running = None, None, None, None
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        inputs = training_batch(processor, step, args.batch, args.seed, patch=vision.patch_size, turns=args.turns)
+        inputs = training_batch(
+            processor, step, args.batch, args.seed, vision.patch_size, args.turns, args.describe_every
+        )
         targets = inputs.pop("patch_targets")  # [B, 2, P]
         labels, weights = inputs.pop("labels"), inputs.pop("answer_weights")
         early = inputs.pop("early_targets")
+        attend_index, attend_patches = inputs.pop("attend_index"), inputs.pop("attend_patches")
+        attend_cells = inputs.pop("attend_cells")
+        relays = ((inputs.pop("links"), args.attend_layer + 1), (inputs.pop("replies"), args.attend_layer + 2))
         tower_out.clear()
         projected.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            output = model(**inputs, output_hidden_states=args.early_weight > 0)
+            output = model(
+                **inputs, output_hidden_states=args.early_weight > 0, output_attentions=args.attend_weight > 0
+            )
             if args.early_weight > 0:  # the middle layer read through the final norm and the LM head
                 at = early != -100
                 middle = output.hidden_states[args.early_layer][at]
                 early_logits = model.lm_head(model.model.language_model.norm(middle))
             aux = head(tower_out[-1][:, 1:])  # CLS dropped: [B, P, 2 * classes]
             words = projected[-1] @ model.get_input_embeddings().weight.T  # [B, P, V]
+            where_out = where(projected[-1])  # [B, P, 2 * rows]
         loss = answer_loss(output.logits, labels, weights)
         answered = loss.item()
         if args.early_weight > 0 and at.any():
@@ -238,15 +408,39 @@ def main(argv: list[str] | None = None) -> int:
             early_running = (
                 early_loss.item() if early_running is None else 0.95 * early_running + 0.05 * early_loss.item()
             )
-        aux = aux.float().reshape(*aux.shape[:2], 2, -1).permute(0, 3, 2, 1)  # [B, classes, 2, P]
-        loss = loss + args.aux_weight * torch.nn.functional.cross_entropy(aux, targets)
+        if args.attend_weight > 0 and len(attend_index):
+            # The first head of one layer, from each name, onto the named object's patches.
+            rows, at_token = attend_index.unbind(1)
+            weights_img = output.attentions[args.attend_layer][rows, 0, at_token]  # [N, T]
+            image_at = (inputs["input_ids"] == image_id).nonzero()[:, 1].reshape(len(labels), -1)  # [B, P]
+            on_image = weights_img.gather(1, image_at[rows]).float()  # [N, P]
+            found = (on_image * attend_patches).sum(dim=1)
+            loss = loss + args.attend_weight * -torch.log(found + 1e-6).mean()
+            for pairs, layer in relays:
+                if len(pairs) and layer < len(output.attentions):
+                    looked = output.attentions[layer][pairs[:, 0], 0, pairs[:, 1], pairs[:, 2]].float()
+                    loss = loss + args.attend_weight * -torch.log(looked + 1e-6).mean()
+            if args.where_weight > 0 and output.hidden_states is not None:  # the fetched object's cell
+                fetched = output.hidden_states[args.attend_layer + 1][rows, at_token].float()
+                cell_logits = placed(fetched).reshape(len(rows), 2, -1).transpose(1, 2)  # [N, rows, 2]
+                loss = loss + args.where_weight * torch.nn.functional.cross_entropy(cell_logits, attend_cells)
+            found_running = (
+                found.mean().item() if found_running is None else 0.95 * found_running + 0.05 * found.mean().item()
+            )
+        loss = loss + args.aux_weight * tower_loss(aux, targets)
+        if args.where_weight > 0:  # each patch's own row and column, linearly readable from its token
+            where_logits = where_out.float().reshape(*where_out.shape[:2], 2, -1)
+            loss = loss + args.where_weight * torch.nn.functional.cross_entropy(
+                where_logits.permute(0, 3, 2, 1), grid.expand(len(labels), -1, -1)
+            )
         on_object = targets - 1  # [B, 2, P]; -1 = background, ignored
         for k, ids in enumerate((color_ids, shape_ids)):
             logits = words[..., ids].float().transpose(1, 2)  # [B, classes, P]
             align = torch.nn.functional.cross_entropy(logits, on_object[:, k], ignore_index=-1)
             loss = loss + args.align_weight * align / 2
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+        for part in clipped:  # apart, so that the language model's gradients do not shrink the tower's
+            torch.nn.utils.clip_grad_norm_(part, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
@@ -254,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         if step % 50 == 0 or step == args.steps - 1:
             lr, seconds = opt.param_groups[0]["lr"], time.perf_counter() - started
             early_part = f"  early {early_running:.4f}" if early_running is not None else ""
+            early_part += f"  found {found_running:.3f}" if found_running is not None else ""
             say(f"step {step:5d}  loss {running:.4f}  answers {answers:.4f}{early_part}  lr {lr:.2e}  {seconds:6.0f} s")
         if args.eval_every and step and step % args.eval_every == 0 and step < args.steps - 1:
             probe = validate(val_rows[: min(len(val_rows), 250)])
