@@ -97,6 +97,12 @@ def question_starts(row: list[int], examples: list[shapesqa.Example], tokenizer)
     return starts
 
 
+def reply_positions(row: list[int], tokenizer) -> list[int]:
+    """The ``:`` after each ``ASSISTANT`` in a tokenised conversation: the tokens that predict the answers."""
+    assistant, colon = tokenizer.convert_tokens_to_ids(["ASSISTANT", ":"])
+    return [t for t in range(1, len(row)) if row[t] == colon and row[t - 1] == assistant]
+
+
 def named_objects(scene: shapesqa.Scene, question: str) -> list[tuple[int, int]]:
     """``(word offset, object index)`` for each shape word of ``question`` that names an object of ``scene``.
 
@@ -149,11 +155,10 @@ def attention_targets(
     retrieval that answer losses alone did not teach the tiny model, and a probe to read the cell from
     what it fetched, so that position questions have the places to compare.
     """
-    assistant, colon = tokenizer.convert_tokens_to_ids(["ASSISTANT", ":"])
     index, patches, cells = [], [], []
     for i, (row, scene, examples) in enumerate(zip(input_ids.tolist(), scenes, conversations, strict=True)):
         cover = coverage(scene, patch) >= 0.25  # [objects, P]
-        replies = [t for t in range(1, len(row)) if row[t] == colon and row[t - 1] == assistant]
+        replies = reply_positions(row, tokenizer)
         for start, reply, ex in zip(question_starts(row, examples, tokenizer), replies, examples, strict=True):
             names = [(start + k, obj) for k, obj in named_objects(scene, ex.question)]
             if ex.type == "describe":  # and the objects a description names, as it names them
@@ -179,10 +184,9 @@ def relay_targets(
     answer (``:`` after ``ASSISTANT``) looks at the question's last shape word, where the early answer is.
     Without them the tiny model found the right object from its name but did not carry it onward.
     """
-    assistant, colon = tokenizer.convert_tokens_to_ids(["ASSISTANT", ":"])
     links, answers = [], []
     for i, (row, scene, examples) in enumerate(zip(input_ids.tolist(), scenes, conversations, strict=True)):
-        replies = [t for t in range(1, len(row)) if row[t] == colon and row[t - 1] == assistant]
+        replies = reply_positions(row, tokenizer)
         for start, reply, ex in zip(question_starts(row, examples, tokenizer), replies, examples, strict=True):
             if ex.type not in EARLY_TYPES:
                 continue
