@@ -209,8 +209,9 @@ def training_batch(
     prompt the model is evaluated on; later turns reuse the image's tokens for more supervision per step.
     The description comes last in a conversation (so that no answer can be copied from it); with
     ``describe_every`` = k, every k-th row is the description alone, asked first as the evaluation asks it.
-    With ``patch``, also ``patch_targets`` ``[B, 2, P]`` for the tower's auxiliary loss and
-    ``attend_index`` / ``attend_patches`` (:func:`attention_targets`) for the attention loss.
+    With ``patch``, also ``patch_targets`` ``[B, 2, P]`` for the tower's auxiliary loss,
+    ``attend_index`` / ``attend_patches`` / ``attend_cells`` (:func:`attention_targets`) and ``links`` /
+    ``replies`` (:func:`relay_targets`) for the attention losses.
     """
     tok = processor.tokenizer
     images, texts, targets, conversations, scenes = [], [], [], [], []
@@ -258,9 +259,12 @@ def tower_loss(aux: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return cross_entropy(aux[:, :, 0], colors) + cross_entropy(aux[:, :, 1], shapes, ignore_index=-100)
 
 
+TOWER_BATCH = 32  # images per step of the tower-only stage
+
+
 def tower_stream(seed: int, step: int, j: int) -> int:
     """The seed of the ``j``-th scene of tower step ``step``: apart from the conversations' seeds."""
-    return seed * 100_000_000 + 90_000_000 + step * 32 + j
+    return seed * 100_000_000 + 90_000_000 + step * TOWER_BATCH + j
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -336,16 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     g = vision.image_size // vision.patch_size
     where = torch.nn.Linear(model.config.text_config.hidden_size, 2 * g)
     grid = torch.stack([torch.arange(g * g) // g, torch.arange(g * g) % g])[None]  # [1, 2, P]: row, column
-    probes = [*(("aux." + n, p) for n, p in head.named_parameters())]
     placed = torch.nn.Linear(model.config.text_config.hidden_size, 2 * g)  # the same, at the names
-    probes += [*(("where." + n, p) for n, p in where.named_parameters())]
-    probes += [*(("placed." + n, p) for n, p in placed.named_parameters())]
-    params = [*model.named_parameters(), *probes]
-    language = [p for n, p in params if n.startswith("model.language_model") or n.startswith("lm_head")]
-    clipped = [
-        language,
-        [p for n, p in params if not (n.startswith("model.language_model") or n.startswith("lm_head"))],
-    ]
+    probes = {"aux": head, "where": where, "placed": placed}
+    params = [*model.named_parameters()]
+    params += [(f"{name}.{n}", p) for name, probe in probes.items() for n, p in probe.named_parameters()]
+    language = {n for n, _ in params if n.startswith(("model.language_model", "lm_head"))}
+    clipped = [[p for n, p in params if n in language], [p for n, p in params if n not in language]]
     decay = [p for n, p in params if p.ndim >= 2]
     rest = [p for n, p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}])
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in range(args.tower_steps):  # the tower alone first: shapes are the slowest thing it learns
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
-        scenes = [shapesqa.sample_scene(random.Random(tower_stream(args.seed, step, j))) for j in range(32)]
+        scenes = [shapesqa.sample_scene(random.Random(tower_stream(args.seed, step, j))) for j in range(TOWER_BATCH)]
         pixels = processor.image_processor([shapesqa.render(s) for s in scenes], return_tensors="pt")["pixel_values"]
         targets = torch.stack([patch_targets(s, vision.patch_size) for s in scenes])
         tower_out.clear()
