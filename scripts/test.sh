@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
-# Sets up .venv if needed, then runs the test suite (GPU and slow tests are skipped by default).
-# A run that collects no test fails: pytest's exit code 5 becomes 1.
+# Sets up .venv if needed, then runs the test suite (GPU and slow tests are skipped by default) on the
+# pinned set, and the adapter, compaction, method-matrix and surface tests on the transformers floor and on
+# the newest transformers release (scripts/transformers-leg.sh). Arguments go to the main pytest run;
+# VTC_TEST_LEGS=0 skips the two transformers legs. A run that collects no test fails: pytest's exit code 5
+# becomes 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
+echo "== main run: transformers $(.venv/bin/python -c 'import transformers; print(transformers.__version__)') (pinned)"
 .venv/bin/python -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "no test was collected: failing the run" >&2
     exit 1
 fi
-exit "$rc"
+[ "$rc" -eq 0 ] || exit "$rc"
+[ "${VTC_TEST_LEGS:-1}" = 0 ] && exit 0
+floor="$(.venv/bin/python -c 'from vtc.surface import TESTED_FLOOR; print(TESTED_FLOOR)')" || exit 1
+legs=(tests/adapters tests/test_matrix.py tests/test_surface.py -q -p no:cacheprovider)
+bash scripts/transformers-leg.sh "$floor" "${legs[@]}" || exit 1
+bash scripts/transformers-leg.sh newest "${legs[@]}" || exit 1

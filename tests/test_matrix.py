@@ -15,6 +15,7 @@ import torch
 from conftest import batch_for, forward_inputs, generate, hook_ids, tiny
 
 import vtc
+from vtc import surface
 from vtc.adapters import ADAPTERS
 from vtc.flops import planned_counts
 from vtc.method import get_method
@@ -91,13 +92,17 @@ def test_padded_batch_equals_rows_alone(family, spec):
             assert torch.equal(generate(model, sample)[0], tokens[row])
 
 
+def attention_implementations(model) -> list[str]:
+    return [surface.attention_implementation(c) for c in (model.config.text_config, model.config.vision_config)]
+
+
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_remove_restores_bit_identical_logits_and_leaves_no_hook(family, method):
     """After every preset remove() restores the model exactly; some preset changes the output (or the tokens)."""
     model = tiny(family)
     inputs, _ = batch_for(model, family)
     hooks_before = hook_ids(model)
-    attn_before = [c._attn_implementation for c in (model.config.text_config, model.config.vision_config)]
+    attn_before = attention_implementations(model)
     acted = []
     with torch.no_grad():
         base = model(**inputs).logits
@@ -115,9 +120,7 @@ def test_remove_restores_bit_identical_logits_and_leaves_no_hook(family, method)
             handle.remove()
             assert torch.equal(model(**inputs).logits, base)
             assert hook_ids(model) == hooks_before
-            assert [c._attn_implementation for c in (model.config.text_config, model.config.vision_config)] == (
-                attn_before
-            )
+            assert attention_implementations(model) == attn_before
             handle.remove()  # a second call is harmless
     assert any(acted), f"no preset of {method} changed the tiny model's output"
 
@@ -177,4 +180,4 @@ def test_no_eager_attention_matrix_is_formed(family, spec, monkeypatch):
     with vtc.apply(model, spec), torch.no_grad():
         model(**inputs)
         generate(model, inputs, n=2)
-        assert model.config.text_config._attn_implementation in ("sdpa", "vtc_sdpa")
+        assert surface.attention_implementation(model.config.text_config) in ("sdpa", "vtc_sdpa")

@@ -19,6 +19,7 @@ from vtc.errors import (
     MissingCapabilityError,
     UnknownMethodError,
     UnsupportedModelError,
+    UnsupportedTransformersError,
     VTCError,
 )
 from vtc.flops import FlopsReport, ModelDims, flops
@@ -35,6 +36,7 @@ __all__ = [
     "ModelDims",
     "UnknownMethodError",
     "UnsupportedModelError",
+    "UnsupportedTransformersError",
     "VTCError",
     "apply",
     "flops",

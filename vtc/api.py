@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from vtc import surface
 from vtc.adapters import ADAPTERS, Adapter, adapter_for
 from vtc.compose import Pipeline
 from vtc.config import MethodConfig, MethodSpec, resolve
@@ -101,6 +102,7 @@ def wrap(model: nn.Module, methods: MethodSpec | Sequence[MethodSpec], /, **over
         UnknownMethodError: a method or preset name is not registered.
         ValueError: a setting is out of range for the method or this model.
         AlreadyWrappedError: vtc already wraps this model.
+        UnsupportedTransformersError: the installed transformers moved an internal vtc relies on.
     """
     configs = as_config_list(methods, **overrides)
     if model in _WRAPPED:
@@ -109,6 +111,8 @@ def wrap(model: nn.Module, methods: MethodSpec | Sequence[MethodSpec], /, **over
             f"methods to one vtc.wrap call."
         )
     adapter = adapter_for(model)
+    # Before any hook goes in: an unrecognised transformers raises here, not deep inside a forward.
+    surface.check(adapter.text_model, adapter.layers)
     bound = []
     for config in configs:
         method = get_method(config.method)(config)

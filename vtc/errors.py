@@ -29,3 +29,7 @@ class MethodConflictError(VTCError, ValueError):
 
 class AlreadyWrappedError(VTCError, RuntimeError):
     """A model that vtc already wraps; remove the first handle before wrapping again."""
+
+
+class UnsupportedTransformersError(VTCError, RuntimeError):
+    """The installed transformers moved an internal vtc relies on (see ``vtc.surface``)."""

@@ -133,7 +133,7 @@ class StepContext:
     Attributes:
         kwargs: the keyword arguments of the call (``generate`` passes everything by keyword), so a
             method can run the model again on edited inputs with ``adapter.run_extra``.
-        output: the model's output (``.logits`` ``[B, L_out, V]``, ``.past_key_values``).
+        output: the model's output: ``.logits`` ``[B, L_out, V]`` and the KV cache (``surface.output_cache``).
         prefill: the call started from an empty cache.
         adapter: the model family's adapter.
     """

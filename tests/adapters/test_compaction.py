@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
 
 import pytest
 import torch
 from conftest import batch_for, forward_inputs, generate, tiny
-from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.masking_utils import eager_mask
 
 import vtc
+from vtc import surface
 from vtc.adapters import adapter_for
 from vtc.config import MethodConfig
 from vtc.method import METHODS, HookPoint, LayerContext, Method, register_method
@@ -81,7 +79,7 @@ class MaskedOracle:
         self.trim_from = trim_from
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
-        eager = sys.modules[type(module).__module__].eager_attention_forward
+        eager = surface.attention_function("eager", module)
         mask = attention_mask.clone()
         floor = torch.finfo(mask.dtype).min
         decode = query.shape[2] == 1
@@ -93,13 +91,12 @@ class MaskedOracle:
         return eager(module, query, key, value, mask, **kwargs)
 
     def install(self, model):
-        AttentionInterface.register(self.name, self)
-        AttentionMaskInterface.register(self.name, eager_mask)
-        self._original = model.config.text_config._attn_implementation
-        model.config.text_config._attn_implementation = self.name
+        surface.register_attention(self.name, self, masks_like="eager")
+        self._original = surface.attention_implementation(model.config.text_config)
+        surface.set_attention_implementation(model.config.text_config, self.name)
 
     def uninstall(self, model):
-        model.config.text_config._attn_implementation = self._original
+        surface.set_attention_implementation(model.config.text_config, self._original)
 
 
 def dropped_positions(handle, inputs, family) -> dict[int, list[torch.Tensor]]:
@@ -153,7 +150,9 @@ def greedy_loop(model, sample: dict, n: int) -> torch.Tensor:
     tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
     for _ in range(n - 1):
         extra = {"mm_token_type_ids": torch.zeros_like(tokens[-1])} if "mm_token_type_ids" in sample else {}
-        out = model(input_ids=tokens[-1], past_key_values=out.past_key_values, use_cache=True, **extra)
+        out = model(
+            input_ids=tokens[-1], **surface.cache_kwargs(model, surface.output_cache(out)), use_cache=True, **extra
+        )
         tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
     return torch.cat(tokens, dim=1)[0]
 
@@ -164,7 +163,7 @@ def test_cache_trim_matches_oracle_and_shrinks_the_cache(family, layers, trim_fr
     inputs, _ = batch_for(model, family, images=[1, 0, 2] if family == "llava" else [1, 0, 1], batch=3)
     config = FixedKeepConfig(layers=layers, trim_from=trim_from)
     with vtc.apply(model, config) as handle, torch.no_grad():
-        cache = model(**forward_inputs(family, inputs), use_cache=True).past_key_values
+        cache = surface.output_cache(model(**forward_inputs(family, inputs), use_cache=True))
         stats = handle.stats
         dropped = dropped_positions(handle, inputs, family)
         pruned_tokens = generate(model, inputs, n=6)
@@ -224,8 +223,10 @@ def test_a_mask_hiding_prompt_tokens_in_decode_reaches_compacted_layers(family):
         extra = {"mm_token_type_ids": torch.zeros_like(token)} if "mm_token_type_ids" in sample else {}
 
         def step(mask: torch.Tensor) -> torch.Tensor:
-            cache = copy.deepcopy(out.past_key_values)
-            out_step = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True, **extra)
+            cache = copy.deepcopy(surface.output_cache(out))
+            out_step = model(
+                input_ids=token, attention_mask=mask, **surface.cache_kwargs(model, cache), use_cache=True, **extra
+            )
             return out_step.logits[0, -1]
 
         open_logits = step(mask)
@@ -247,21 +248,21 @@ def test_a_deep_copied_cache_keeps_its_record_and_a_lost_record_is_refused(famil
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         extra = {"mm_token_type_ids": torch.zeros_like(token)} if "mm_token_type_ids" in sample else {}
         step = {"input_ids": token, "use_cache": True, **extra}
-        copied = model(**step, past_key_values=copy.deepcopy(out.past_key_values)).logits
-        original = model(**step, past_key_values=out.past_key_values).logits
+        copied = model(**step, **surface.cache_kwargs(model, copy.deepcopy(surface.output_cache(out)))).logits
+        original = model(**step, **surface.cache_kwargs(model, surface.output_cache(out))).logits
         assert torch.equal(copied, original)
-        stripped = copy.deepcopy(out.past_key_values)
+        stripped = copy.deepcopy(surface.output_cache(out))
         del stripped._vtc_record
         with pytest.raises(ValueError, match="carries no vtc record"):
-            model(**step, past_key_values=stripped)
+            model(**step, **surface.cache_kwargs(model, stripped))
 
 
 def test_per_layer_cache_lengths(family):
     model = tiny(family)
     inputs, _ = batch_for(model, family)
     with vtc.apply(model, "dart.r64"), torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
-        lengths = [cache.layers[i].keys.shape[-2] for i in range(len(cache.layers))]
+        cache = surface.output_cache(model(**inputs, use_cache=True))
+        lengths = surface.layer_lengths(cache)
     full = inputs["input_ids"].shape[1]
     assert lengths[:2] == [full, full]
     assert lengths[2:] == [full - 256 + 68] * (len(lengths) - 2)

@@ -7,6 +7,7 @@ import torch
 from conftest import batch_for, forward_inputs, generate, tiny
 
 import vtc
+from vtc import surface
 from vtc.adapters import adapter_for
 from vtc.methods.dart import DARTConfig
 
@@ -22,7 +23,7 @@ def naive_dart(
     adapter = adapter_for(model)
     with torch.no_grad():
         out = model(**sample, use_cache=True, output_hidden_states=True)
-    keys = out.past_key_values.layers[layer - 1].keys[0]  # [Hkv, L, D], post-RoPE
+    keys = surface.layer_kv(surface.output_cache(out), layer - 1)[0][0]  # [Hkv, L, D], post-RoPE
     hidden = out.hidden_states[layer][0]  # input of `layer`: [L, d]
     z = adapter.final_norm(hidden).float()
     norms = keys.float().abs().sum(dim=(0, 2)).tolist()

@@ -7,6 +7,7 @@ import torch
 from conftest import batch_for, forward_inputs, generate, text_inputs, tiny
 
 import vtc
+from vtc import surface
 from vtc.adapters import ADAPTERS, adapter_for
 from vtc.method import AttentionCall
 from vtc.methods.gemfilter import GemFilter, GemFilterConfig
@@ -30,10 +31,10 @@ def run_directly(model, embeds: torch.Tensor, n_new: int) -> tuple[torch.Tensor,
     with torch.no_grad():
         out = lm(inputs_embeds=embeds, position_ids=torch.arange(length)[None], use_cache=True)
         first, token = greedy(out.last_hidden_state)
-        tokens, cache = [token], out.past_key_values
+        tokens, cache = [token], surface.output_cache(out)
         for t in range(n_new - 1):
             step = lm.embed_tokens(tokens[-1])[:, None]
-            out = lm(inputs_embeds=step, position_ids=torch.tensor([[length + t]]), past_key_values=cache)
+            out = lm(inputs_embeds=step, position_ids=torch.tensor([[length + t]]), **surface.cache_kwargs(lm, cache))
             tokens.append(greedy(out.last_hidden_state)[1])
     return first[0], torch.stack(tokens, dim=1)[0]
 
@@ -115,11 +116,11 @@ def test_prepass_writes_no_cache_and_counts_in_flops(family):
     model = tiny(family)
     inputs, _ = batch_for(model, family, batch=1)
     with vtc.apply(model, "gemfilter.r64") as handle, torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = surface.output_cache(model(**inputs, use_cache=True))
         stats = handle.stats
     full, kept = inputs["input_ids"].shape[1], stats.tokens_per_layer[0][0]
     assert kept == full - (256 - 64)
-    assert [cache.layers[i].keys.shape[-2] for i in range(len(cache.layers))] == [kept] * 4
+    assert surface.layer_lengths(cache) == [kept] * 4
     assert stats.prepass_tokens_per_layer == [[full]] * 3  # layers 0..2 (r = 2 of 4) ran on everything
     dims = handle.adapter.dims()
     expected = 4 * dims.layer_macs(kept, kept) + 3 * dims.layer_macs(full, full)

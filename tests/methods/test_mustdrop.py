@@ -10,6 +10,7 @@ import torch
 from conftest import batch_for, tiny
 
 import vtc
+from vtc import surface
 from vtc.adapters import adapter_for
 from vtc.methods.mustdrop import MustDropConfig, grid_windows, merge_windows
 
@@ -128,7 +129,7 @@ def test_caches_from_the_first_filter_layer_hold_the_final_tokens(family):
         **{**OFF, "cache_trim": True}, layers=(1, 2), global_threshold=0.01, individual_threshold=0.01
     )
     with vtc.apply(model, config) as handle, torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = surface.output_cache(model(**inputs, use_cache=True))
     stats = handle.stats
     lengths = [layer.keys.shape[-2] for layer in cache.layers]
     assert lengths[0] == inputs["input_ids"].shape[1]  # layer 0 runs before the first filter

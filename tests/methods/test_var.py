@@ -7,6 +7,7 @@ import torch
 from conftest import batch_for, generate, tiny
 
 import vtc
+from vtc import surface
 from vtc.adapters import adapter_for
 from vtc.compose import Pipeline
 from vtc.errors import MethodConflictError
@@ -70,7 +71,7 @@ def test_edited_rows_sum_to_one_and_rows_before_the_image_end_are_untouched(fami
     with vtc.apply(model, "var.demo") as handle, torch.no_grad():
         out = model(**inputs).logits
         generate(model, inputs, n=3)
-        assert handle.adapter.text_config._attn_implementation == "vtc_sdpa"
+        assert surface.attention_implementation(handle.adapter.text_config) == "vtc_sdpa"
     assert torch.isfinite(out).all() and len(seen) >= 2
     for probs, edited, rows_ok in seen:
         torch.testing.assert_close(edited.sum(-1), probs.sum(-1), atol=1e-5, rtol=1e-5)

@@ -10,7 +10,6 @@ so sdpa and flash keep running.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from vtc import kernels
+from vtc import kernels, surface
 from vtc.adapters.segments import (
     CacheRecord,
     Forward,
@@ -89,13 +88,9 @@ def _vtc_attention_for(original: str) -> Callable[..., Any]:
     for the calling module. Registered under ``vtc_<original>`` so name checks such as "flash" in the
     implementation name keep working.
     """
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     def vtc_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
-        if original == "eager":
-            impl = sys.modules[type(module).__module__].eager_attention_forward
-        else:
-            impl = ALL_ATTENTION_FUNCTIONS[original]
+        impl = surface.attention_function(original, module)
         edit = _EDITS.get(module)
         fn = None
         if edit is not None:
@@ -120,18 +115,13 @@ def _vtc_attention_for(original: str) -> Callable[..., Any]:
 
 def _register_attention(original: str) -> str:
     """Register the vtc wrapper of `original` with transformers (attention and mask functions)."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
     name = f"vtc_{original}"
-    if original not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+    if original not in surface.mask_implementations():
         raise ValueError(
             f"vtc cannot tap attention implementation {original!r}; load the model with "
             f"attn_implementation='sdpa' or 'eager' (or a flash-attention variant)."
         )
-    AttentionInterface.register(name, _vtc_attention_for(original))
-    # Without a mask function of the same name transformers builds no mask at all (silently non-causal).
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[original])
+    surface.register_attention(name, _vtc_attention_for(original), masks_like=original)
     return name
 
 
@@ -287,13 +277,13 @@ class Adapter:
         for i in pipeline.read_layers:  # after the layer hooks, so readers see the compacted input
             self._hooks.append(self.layers[i].register_forward_pre_hook(self._reader_hook(i), with_kwargs=True))
         if pipeline.tap_layers or pipeline.edit_layers:
-            original = self.text_config._attn_implementation or "eager"
+            original = surface.attention_implementation(self.text_config)
             if pipeline.edit_layers and original not in EDITABLE_ATTENTION:
                 raise ValueError(
                     f"editing attention weights needs the model loaded with attn_implementation='sdpa' or "
                     f"'eager'; this one uses {original!r}."
                 )
-            self.text_config._attn_implementation = _register_attention(original)
+            surface.set_attention_implementation(self.text_config, _register_attention(original))
             self._original_attn = original
             for i in pipeline.tap_layers:
                 _TAPS[self.attention_module(self.layers[i])] = (i, self._tap_callback)
@@ -311,10 +301,10 @@ class Adapter:
             _TAPS.pop(self.attention_module(layer), None)
             _EDITS.pop(self.attention_module(layer), None)
         if self._original_attn is not None:
-            self.text_config._attn_implementation = self._original_attn
+            surface.set_attention_implementation(self.text_config, self._original_attn)
             self._original_attn = None
         if self._original_vision_attn is not None:
-            self.vision_tower.config._attn_implementation = self._original_vision_attn
+            surface.set_attention_implementation(self.vision_tower.config, self._original_vision_attn)
             self._original_vision_attn = None
         self._tower_valid = None
         self._fwd = None
@@ -336,7 +326,7 @@ class Adapter:
                 "vtc wraps the multimodal model; call the model (or its generate), not its text backbone alone."
             )
         batch, length = embeds.shape[:2]
-        cache = kwargs.get("past_key_values")
+        cache = surface.get_cache(kwargs)
         use_cache = kwargs.get("use_cache")
         use_cache = self.text_config.use_cache if use_cache is None else use_cache
         visual = self._pending_visual
@@ -350,17 +340,15 @@ class Adapter:
                 "vtc needs the 2-D attention mask of shape [batch, length] (padding mask); a custom 4-D mask "
                 "cannot be compacted after pruning. Pass the 2-D mask instead."
             )
-        past = cache.get_seq_length() if cache is not None else 0
+        past = surface.cached_length(cache) if cache is not None else 0
         if not self._in_extra:
             self._prefill_call = past == 0
         if past == 0:
             if use_cache and cache is None:
-                from transformers import DynamicCache
-
                 # The backbone would create this same cache itself; creating it here lets the pruned
                 # prefill leave its record on it, so later forwards on the cache find it.
-                cache = DynamicCache(config=self.text_config)
-                kwargs["past_key_values"] = cache
+                cache = surface.new_cache(self.text_config)
+                surface.set_cache(kwargs, self.text_model, cache)
             valid = user_mask.bool() if user_mask is not None else torch.ones_like(visual)
             state = VisualTokenState.initial(visual, valid, self.visual_coords(visual, kwargs))
             self._fwd = Forward(True, state, cache, [Segment(0, state)], prompt_len=length)
@@ -411,7 +399,7 @@ class Adapter:
             fwd = self._fwd
             if fwd is None or self._in_prepass:
                 return args, kwargs
-            hidden = args[0] if args else kwargs.pop("hidden_states")
+            hidden = args[0] if args else kwargs.pop(surface.HIDDEN_STATES)
             if fwd.prefill:
                 hidden = self._run_stages(i, hidden, kwargs, fwd)
             seg = fwd.segment_at(i)
@@ -426,7 +414,7 @@ class Adapter:
             fwd = self._fwd
             if fwd is None or self._in_prepass:
                 return
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = args[0] if args else kwargs[surface.HIDDEN_STATES]
             self._pipeline.on_layer_input(LayerContext(i, hidden, fwd.state if fwd.prefill else None, self))
 
         return hook
@@ -478,7 +466,7 @@ class Adapter:
         handle = self.layers[last].register_forward_hook(stop)
         self._in_prepass = True
         try:
-            self.text_model(**{**kwargs, "past_key_values": None, "use_cache": False})
+            self.text_model(**surface.with_cache({**kwargs, "use_cache": False}, self.text_model, None))
         except _PrepassDone:
             pass
         finally:
@@ -514,8 +502,8 @@ class Adapter:
             self._hooks.append(layers[i].register_forward_pre_hook(self._tower_layer_hook(i), with_kwargs=True))
         if pipeline.vision_tap_layers:
             config = self.vision_tower.config
-            original = config._attn_implementation or "eager"
-            config._attn_implementation = _register_attention(original)
+            original = surface.attention_implementation(config)
+            surface.set_attention_implementation(config, _register_attention(original))
             self._original_vision_attn = original
             for i in pipeline.vision_tap_layers:
                 _TAPS[self.attention_module(layers[i])] = (i, self._tower_tap)
@@ -546,11 +534,11 @@ class Adapter:
             floor = torch.finfo(hidden.dtype).min
             mask = torch.zeros(hidden.shape[0], 1, 1, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
             mask = mask.masked_fill(~self._tower_valid[:, None, None, :], floor)  # [N, 1, 1, T]
-            given = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+            given = args[1] if len(args) > 1 else kwargs.get(surface.ATTENTION_MASK)
             mask = mask if given is None else given + mask
             if len(args) > 1:
                 return (hidden, mask, *args[2:]), kwargs
-            return (hidden,), {**kwargs, "attention_mask": mask}
+            return (hidden,), {**kwargs, surface.ATTENTION_MASK: mask}
 
         return hook
 
@@ -566,7 +554,7 @@ class Adapter:
     # -- compaction -------------------------------------------------------------------------------
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Rotary ``(cos, sin)`` of the text model for ``[B, L]`` positions (or the family's own layout)."""
-        return self.text_model.rotary_emb(hidden, positions)
+        return surface.rotary(self.text_model, hidden, positions)
 
     def _run_stages(self, i: int, hidden: torch.Tensor, kwargs: dict, fwd: Forward) -> torch.Tensor:
         """Run the pruning stages at layer `i` and compact `hidden` to what they keep."""
@@ -610,7 +598,7 @@ class Adapter:
         else:
             # Chained from the tokens' current embeddings: original positions stay original, and tokens
             # an earlier stage renumbered keep their new numbers.
-            source = current.cos_sin if current.compacted else kwargs["position_embeddings"]
+            source = current.cos_sin if current.compacted else kwargs[surface.POSITION_EMBEDDINGS]
             seg.cos_sin = tuple(gather_tokens(t, slots) for t in source)
             seg.next_fresh = current.next_fresh
         fwd.segments = [s for s in fwd.segments if s.start < i] + [seg]
@@ -634,10 +622,9 @@ class Adapter:
             slots = slots.clamp(max=seg.state.length - 1)
             filled = (target >= 0)[:, None, :, None]  # [B, 1, Lf, 1]
             for i in layers:
-                layer = fwd.cache.layers[i]
-                idx = slots[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
-                layer.keys = layer.keys.gather(2, idx) * filled
-                layer.values = layer.values.gather(2, idx) * filled
+                keys, values = surface.layer_kv(fwd.cache, i)
+                idx = slots[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+                surface.set_layer_kv(fwd.cache, i, keys.gather(2, idx) * filled, values.gather(2, idx) * filled)
         kept = [s for s in fwd.segments if s.start < start]
         tail = Segment(start, final.state, compacted=True, next_fresh=final.next_fresh, shift=final.shift)
         return [*kept, tail]
@@ -647,15 +634,15 @@ class Adapter:
         if not fwd.prefill and seg.next_fresh is not None and seg.cos_sin is None:
             seg.cos_sin = self._renumbered_cos_sin(seg, hidden, fwd.positions)
         if seg.cos_sin is not None:
-            kwargs["position_embeddings"] = seg.cos_sin
+            kwargs[surface.POSITION_EMBEDDINGS] = seg.cos_sin
         # Kept positions have gaps; position ids would read as packed sequences to flash attention,
         # and no layer needs them once the rotary embeddings are set.
-        if "position_ids" in kwargs:
-            kwargs["position_ids"] = None
+        if surface.POSITION_IDS in kwargs:
+            kwargs[surface.POSITION_IDS] = None
         kind = self._layer_types[i]
         if kind not in seg.masks:
             seg.masks[kind] = self._segment_mask(seg, i, kind, hidden, fwd)
-        kwargs["attention_mask"] = seg.masks[kind]
+        kwargs[surface.ATTENTION_MASK] = seg.masks[kind]
 
     def _renumbered_cos_sin(self, seg: Segment, hidden: torch.Tensor, positions: torch.Tensor) -> tuple:
         """Rotary embeddings of new tokens in a renumbered segment: the caller's positions, shifted."""
@@ -665,8 +652,6 @@ class Adapter:
 
     def _segment_mask(self, seg: Segment, i: int, kind: str, hidden: torch.Tensor, fwd: Forward) -> Any:
         """Build the mask of compacted layer `i` (before its cache update) with transformers' mask functions."""
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
         prompt_valid = seg.state.valid  # [B, L_seg]
         if fwd.prefill:
             mask2d = prompt_valid
@@ -674,7 +659,7 @@ class Adapter:
             if fwd.user_mask is not None:  # the caller may hide prompt tokens in later forwards too
                 prompt_cols = fwd.user_mask[:, : fwd.prompt_len].bool()
                 prompt_valid = prompt_valid & prompt_cols.gather(1, seg.state.index.clamp(min=0))
-            cached = fwd.cache.layers[i].get_seq_length()
+            cached = surface.cached_length(fwd.cache, i)
             new = cached - seg.state.length + hidden.shape[1]  # generated tokens so far + this forward's
             if fwd.user_mask is not None:
                 tail = fwd.user_mask[:, fwd.prompt_len :].bool()
@@ -686,20 +671,19 @@ class Adapter:
             else:
                 tail = torch.ones(hidden.shape[0], new, dtype=torch.bool, device=hidden.device)
             mask2d = torch.cat([prompt_valid, tail], dim=1)
-        make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-        return make(
-            config=self.text_config,
-            inputs_embeds=hidden,
-            attention_mask=None if bool(mask2d.all()) else mask2d,
-            past_key_values=fwd.cache,
-            position_ids=None,
-            layer_idx=i if fwd.cache is not None else None,
+        return surface.causal_mask(
+            self.text_config,
+            hidden,
+            None if bool(mask2d.all()) else mask2d,
+            fwd.cache,
+            i if fwd.cache is not None else None,
+            sliding=kind == "sliding_attention",
         )
 
     @staticmethod
     def _check_unrecorded(cache: Any) -> None:
         """A cache whose layers hold different lengths was pruned; without its record its masks would be wrong."""
-        lengths = {layer.get_seq_length() for layer in getattr(cache, "layers", [])}
+        lengths = set(surface.layer_lengths(cache))
         if len(lengths) > 1:
             raise ValueError(
                 "this KV cache was pruned by vtc (its layers hold different lengths) but carries no vtc record; "
@@ -709,14 +693,12 @@ class Adapter:
     def _check_cache(self, cache: Any) -> None:
         if cache is None or not self._pipeline.stage_layers:
             return
-        from transformers import DynamicCache
-
-        if not isinstance(cache, DynamicCache):
+        if not surface.is_dynamic_cache(cache):
             raise ValueError(
                 f"vtc pruning needs a DynamicCache (layers keep different lengths); got {type(cache).__name__}. "
                 f"Use the default cache (do not pass cache_implementation='static' or a StaticCache)."
             )
-        if any(getattr(cache, "is_sliding", ())):
+        if surface.has_sliding_layers(cache):
             raise ValueError(
                 "vtc pruning does not support sliding-window cache layers; load the model with "
                 "use_sliding_window=False (the default for Qwen2-VL)."

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vtc import surface
 from vtc.adapters.base import Adapter
 from vtc.adapters.registry import register_adapter
 from vtc.flops import ModelDims, VisionDims
@@ -54,7 +55,7 @@ class Qwen2VLAdapter(Adapter):
     def visual_coords(self, visual: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
         """From the M-RoPE rows: each contiguous visual run is one image or video; (t, h, w) are its
         temporal / height / width positions relative to the run's first token."""
-        positions = kwargs.get("position_ids")
+        positions = kwargs.get(surface.POSITION_IDS)
         if positions is None or positions.dim() != 3:
             return None
         rope = positions[-3:].long()  # [3, B, L]: temporal, height, width (generate adds a text row first)
@@ -74,7 +75,7 @@ class Qwen2VLAdapter(Adapter):
             positions = positions[None].expand(3, *positions.shape)  # [B, L] -> [3, B, L]
         elif positions.shape[0] == 4:  # generate's form: a text row, then temporal / height / width
             positions = positions[1:]
-        return self.text_model.rotary_emb(hidden, positions)
+        return surface.rotary(self.text_model, hidden, positions)
 
     # -- tiny models ------------------------------------------------------------------------------
     GRID, PATCH, TEMPORAL = 32, 8, 2  # 32 x 32 patches, merged 2 x 2: 256 visual tokens per image

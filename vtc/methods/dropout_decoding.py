@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from vtc import surface
 from vtc.config import MethodConfig, check_fraction, check_int
 from vtc.method import HookPoint, Method, StepContext, register_method
 from vtc.state import VisualTokenState
@@ -146,7 +147,7 @@ class DropoutDecoding(Method):
             return None  # token 1 comes from the vanilla prefill (the official behaviour)
         self._step += 1
         kwargs, out = step.kwargs, step.output
-        cache = out.past_key_values
+        cache = surface.output_cache(out)
         ids = kwargs.get("input_ids")
         if ids is None or ids.shape[1] != 1:
             raise ValueError("dropout_decoding runs on single-token decode steps, as generate makes them.")
@@ -160,7 +161,7 @@ class DropoutDecoding(Method):
         r = self._read
         protected = (r["top"] == vanilla.argmax(-1)[:, None, None]).any(-1)  # [B, N]
         base = copy.deepcopy(cache)  # the cache before this step: drop the token the vanilla forward added
-        base.crop(-1)
+        surface.crop_cache(base, -1)
         logits, caches = [], []
         for j, m in enumerate(self.config.member_probs):
             drop = self._draw(self.drop_probs(m), j) & r["valid"] & ~protected  # [B, N]
@@ -168,7 +169,8 @@ class DropoutDecoding(Method):
             hide.scatter_add_(1, r["positions"], drop.int())  # [B, L_total] (padding slots add 0)
             member_mask = mask.masked_fill(hide > 0, 0)
             member_cache = copy.deepcopy(base)
-            res = step.adapter.run_extra(**{**kwargs, "attention_mask": member_mask, "past_key_values": member_cache})
+            member = surface.with_cache({**kwargs, "attention_mask": member_mask}, step.adapter.model, member_cache)
+            res = step.adapter.run_extra(**member)
             logits.append(res.logits[:, -1])
             caches.append(member_cache)
         stacked = torch.stack(logits, 1)  # [B, K, V]
@@ -177,10 +179,12 @@ class DropoutDecoding(Method):
         else:
             winner = vote(stacked.argmax(-1))  # [B]
             chosen = stacked[torch.arange(batch), winner]
-            for i, layer in enumerate(cache.layers):  # each row continues from its winner's new K/V
+            for i in range(surface.num_cache_layers(cache)):  # each row continues from its winner's new K/V
+                keys, values = surface.layer_kv(cache, i)
                 for b, w in enumerate(winner.tolist()):
-                    layer.keys[b, :, -1] = caches[w].layers[i].keys[b, :, -1]
-                    layer.values[b, :, -1] = caches[w].layers[i].values[b, :, -1]
+                    member_keys, member_values = surface.layer_kv(caches[w], i)
+                    keys[b, :, -1] = member_keys[b, :, -1]
+                    values[b, :, -1] = member_values[b, :, -1]
         new = out.logits.clone()
         new[:, -1] = chosen
         out.logits = new

@@ -1,0 +1,321 @@
+"""The transformers surface: the one module of vtc that touches transformers internals.
+
+transformers changes its internals between minor releases: 5.24 renamed the ``past_key_values``
+argument of decoder layers, attention modules, text models and mask functions to ``cache`` (with a
+shim that maps the old name until 5.40), renamed the output field the same way, and rebuilt the
+multimodal output classes. vtc reads and calls internals on purpose (that is how it prunes without
+forking modeling code), so every such contact lives here, and the rest of vtc asks this module:
+
+- the cache argument of a forward and the cache field of an output, under either spelling;
+- the KV cache: creating one, its per-layer keys and values, lengths, cropping;
+- transformers' mask functions (``create_causal_mask`` and its sliding-window twin);
+- ``AttentionInterface`` / ``AttentionMaskInterface`` and the attention implementation of a config;
+- the decoder layers' argument names and the text model's rotary embedding.
+
+Names are found by inspecting signatures, not by comparing version numbers, so a release that keeps the
+shape of the surface works whatever its number. ``check`` runs at ``vtc.wrap``: a surface it does not
+recognise raises ``UnsupportedTransformersError`` naming the installed version and the tested range
+before any forward runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from vtc.errors import UnsupportedTransformersError
+
+logger = logging.getLogger(__name__)
+
+#: The oldest and the newest transformers release vtc's CI runs on (the floor is pyproject.toml's).
+TESTED_FLOOR = "5.17.0"
+TESTED_NEWEST = "5.24.0"
+
+#: Spellings of the KV-cache argument and output field, newest first: 5.24 renamed ``past_key_values``.
+CACHE_NAMES = ("cache", "past_key_values")
+
+# Keyword arguments of a decoder layer that vtc replaces after a pruning stage.
+HIDDEN_STATES = "hidden_states"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+POSITION_EMBEDDINGS = "position_embeddings"
+LAYER_ARGUMENTS = (HIDDEN_STATES, ATTENTION_MASK, POSITION_IDS, POSITION_EMBEDDINGS)
+
+
+def version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def tested_range() -> str:
+    return f"{TESTED_FLOOR} to {TESTED_NEWEST}"
+
+
+def unsupported(what: str) -> UnsupportedTransformersError:
+    """The error for a surface vtc does not recognise: what moved, the versions, and the way out."""
+    return UnsupportedTransformersError(
+        f"vtc does not recognise the internals of the installed transformers {version()}: {what}. "
+        f"vtc is tested with transformers {tested_range()}. Install a tested release "
+        f"(pip install 'transformers>={TESTED_FLOOR},<={TESTED_NEWEST}') or upgrade vtc (pip install -U vtc-vlm)."
+    )
+
+
+# -- argument names ---------------------------------------------------------------------------------
+def _forward_of(target: Callable | nn.Module) -> Callable:
+    return type(target).forward if isinstance(target, nn.Module) else target
+
+
+@functools.lru_cache(maxsize=256)
+def _parameters(fn: Callable) -> frozenset[str]:
+    """Parameter names of `fn`, looking through decorators that keep ``__wrapped__`` (deprecate_kwarg)."""
+    try:
+        return frozenset(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def cache_arg(target: Callable | nn.Module, label: str | None = None) -> str:
+    """The name under which `target` (a module's forward, or a function) takes the KV cache.
+
+    Args:
+        target: a module (its class's ``forward`` is read) or a function.
+        label: how an error names `target` (default: its class or qualified name).
+    """
+    names = _parameters(_forward_of(target))
+    for name in CACHE_NAMES:
+        if name in names:
+            return name
+    if label is None:
+        label = f"{type(target).__name__}.forward" if isinstance(target, nn.Module) else target.__qualname__
+    raise unsupported(f"{label} takes no KV-cache argument named {' or '.join(CACHE_NAMES)}")
+
+
+def get_cache(kwargs: dict[str, Any]) -> Any:
+    """The KV cache in a forward's keyword arguments, under either spelling (the new one wins, as in 5.24)."""
+    for name in CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def set_cache(kwargs: dict[str, Any], target: Callable | nn.Module, cache: Any) -> dict[str, Any]:
+    """Put `cache` into `kwargs` (in place) under the name `target` takes, removing any other spelling."""
+    for name in CACHE_NAMES:
+        kwargs.pop(name, None)
+    kwargs[cache_arg(target)] = cache
+    return kwargs
+
+
+def cache_kwargs(target: Callable | nn.Module, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for calling `target`: ``model(**inputs, **cache_kwargs(model, cache))``."""
+    return {cache_arg(target): cache}
+
+
+def with_cache(kwargs: dict[str, Any], target: Callable | nn.Module, cache: Any) -> dict[str, Any]:
+    """A copy of `kwargs` whose KV cache is `cache`, under the name `target` takes."""
+    return set_cache(dict(kwargs), target, cache)
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a model output carries (``.cache`` from 5.24, ``.past_key_values`` before)."""
+    if dataclasses.is_dataclass(output):
+        fields = {f.name for f in dataclasses.fields(output)}
+        for name in CACHE_NAMES:
+            if name in fields:
+                return getattr(output, name)
+        return None
+    if isinstance(output, dict):
+        return get_cache(output)
+    return None
+
+
+# -- the KV cache -----------------------------------------------------------------------------------
+def new_cache(config: Any) -> Any:
+    """An empty dynamic cache, as the text backbone would make it for `config`."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=config)
+
+
+def is_dynamic_cache(cache: Any) -> bool:
+    from transformers import DynamicCache
+
+    return isinstance(cache, DynamicCache)
+
+
+def has_sliding_layers(cache: Any) -> bool:
+    return any(getattr(cache, "is_sliding", ()))
+
+
+def num_cache_layers(cache: Any) -> int:
+    return len(cache.layers)
+
+
+def layer_kv(cache: Any, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer `i`'s ``keys, values``, each ``[B, Hkv, L, D]`` (post-RoPE keys)."""
+    layer = cache.layers[i]
+    return layer.keys, layer.values
+
+
+def set_layer_kv(cache: Any, i: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Replace layer `i`'s keys and values (for example with a gathered subset of their tokens)."""
+    layer = cache.layers[i]
+    layer.keys, layer.values = keys, values
+
+
+def cached_length(cache: Any, i: int = 0) -> int:
+    """Tokens layer `i` of `cache` holds."""
+    return cache.layers[i].get_seq_length()
+
+
+def layer_lengths(cache: Any) -> list[int]:
+    """Tokens each layer holds (a cache vtc pruned holds fewer in its later layers)."""
+    return [layer.get_seq_length() for layer in getattr(cache, "layers", [])]
+
+
+def crop_cache(cache: Any, max_length: int) -> None:
+    """Keep the first `max_length` tokens of every layer (negative: drop that many from the end)."""
+    cache.crop(max_length)
+
+
+# -- masks ------------------------------------------------------------------------------------------
+def causal_mask(
+    config: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any, layer_idx: int | None,
+    *, sliding: bool = False,
+) -> Any:  # fmt: skip
+    """The mask transformers would build for one layer: its attention implementation's form, from the
+    2-D padding mask and that layer's cache (which may hold fewer tokens than other layers')."""
+    from transformers import masking_utils
+
+    make = masking_utils.create_sliding_window_causal_mask if sliding else masking_utils.create_causal_mask
+    return make(
+        config=config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=None,
+        layer_idx=layer_idx,
+        **{cache_arg(make): cache},
+    )
+
+
+# -- attention implementations ----------------------------------------------------------------------
+def attention_implementation(config: Any) -> str:
+    """The attention implementation a (sub-)config selects; ``eager`` when unset."""
+    return config._attn_implementation or "eager"
+
+
+def set_attention_implementation(config: Any, name: str) -> None:
+    """Switch a (sub-)config's attention implementation; the modules read it at each call."""
+    config._attn_implementation = name
+
+
+def mask_implementations() -> dict[str, Callable]:
+    """transformers' own mask functions, by attention implementation name (not user registrations)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return dict(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)
+
+
+def attention_function(name: str, module: nn.Module) -> Callable:
+    """The attention function `module` runs under implementation `name` (eager is its modeling file's own)."""
+    if name == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def register_attention(name: str, fn: Callable, *, masks_like: str) -> None:
+    """Register `fn` as attention implementation `name`, with the mask function of `masks_like`.
+
+    Without a mask function of the same name transformers builds no mask at all, so the function would
+    get ``attention_mask=None`` (silently non-causal).
+    """
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    masks = mask_implementations()
+    if masks_like not in masks:
+        raise ValueError(f"{masks_like!r} is not an attention implementation transformers builds masks for.")
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, masks[masks_like])
+
+
+# -- rotary embeddings ------------------------------------------------------------------------------
+def rotary(text_model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The text model's rotary ``(cos, sin)`` at `positions` (``[B, L]``, or ``[3, B, L]`` for M-RoPE)."""
+    return text_model.rotary_emb(hidden, positions)
+
+
+# -- the guard --------------------------------------------------------------------------------------
+def check(text_model: nn.Module, layers: Iterable[nn.Module]) -> None:
+    """Raise ``UnsupportedTransformersError`` unless every internal vtc uses is where vtc expects it.
+
+    Runs at ``vtc.wrap`` for the model's text backbone and its decoder layers, before any hook is
+    installed; it inspects signatures and runs a one-token cache probe (microseconds).
+    """
+    _check_library()
+    _check_classes(type(text_model), tuple(dict.fromkeys(type(layer) for layer in layers)))
+    if not hasattr(text_model, "rotary_emb"):
+        raise unsupported(f"{type(text_model).__name__} has no rotary_emb")
+    _warn_if_untested()
+
+
+def _check_library() -> None:
+    try:
+        from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, masking_utils  # noqa: F401
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: F401
+    except ImportError as e:
+        raise unsupported(f"an import vtc needs failed ({e})") from None
+    for fn in ("create_causal_mask", "create_sliding_window_causal_mask"):
+        make = getattr(masking_utils, fn, None)
+        if make is None:
+            raise unsupported(f"transformers.masking_utils.{fn} is gone")
+        missing = {"config", "inputs_embeds", "attention_mask", "position_ids", "layer_idx"} - _parameters(make)
+        if missing:
+            raise unsupported(f"masking_utils.{fn} takes no {', '.join(sorted(missing))}")
+        cache_arg(make, f"masking_utils.{fn}")
+    mapping = getattr(masking_utils.ALL_MASK_ATTENTION_FUNCTIONS, "_global_mapping", None)
+    if not isinstance(mapping, dict) or "sdpa" not in mapping:
+        raise unsupported("AttentionMaskInterface keeps its mask functions elsewhere")
+    # A one-token probe of the cache layout vtc reads and rewrites: cache.layers[i].keys / .values.
+    probe = DynamicCache()
+    x = torch.zeros(1, 1, 1, 1)
+    probe.update(x, x, 0)
+    layer = probe.layers[0] if getattr(probe, "layers", None) else None
+    if layer is None or not isinstance(getattr(layer, "keys", None), torch.Tensor) or not hasattr(layer, "values"):
+        raise unsupported("DynamicCache no longer keeps per-layer .keys / .values tensors in .layers")
+    if not callable(getattr(probe, "crop", None)) or layer.get_seq_length() != 1:
+        raise unsupported("DynamicCache layers changed how they count or crop tokens")
+
+
+def _check_classes(text_cls: type, layer_classes: tuple[type, ...]) -> None:
+    cache_arg(text_cls.forward, f"{text_cls.__name__}.forward")
+    for cls in layer_classes:
+        names = _parameters(cls.forward)
+        missing = [name for name in LAYER_ARGUMENTS if name not in names]
+        if missing:
+            raise unsupported(f"{cls.__name__}.forward takes no {', '.join(missing)}")
+        cache_arg(cls.forward, f"{cls.__name__}.forward")
+
+
+@functools.cache
+def _warn_if_untested() -> None:
+    from packaging.version import Version
+
+    installed = Version(version()).release
+    if not Version(TESTED_FLOOR).release <= installed <= Version(TESTED_NEWEST).release:
+        logger.warning(
+            "transformers %s is outside the range vtc is tested with (%s); its internals look as vtc expects, "
+            "so vtc runs, but check results against an unwrapped model.",
+            version(),
+            tested_range(),
+        )
