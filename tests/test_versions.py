@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_floor_in_pyproject_is_the_tested_floor():
     text = (ROOT / "pyproject.toml").read_text()
     floor = re.search(r'"transformers>=([0-9.]+)', text).group(1)
-    assert surface.TESTED_FLOOR == floor
+    assert floor == surface.TESTED_FLOOR
 
 
 def test_constraints_pin_torch_and_the_newest_tested_transformers():
