@@ -83,12 +83,13 @@ def family(request) -> str:
 def _no_leaked_wrap():
     """Every test must leave the cached models unwrapped."""
     yield
-    from vtc.api import _WRAPPED
+    from vtc.engine import ModelSessions
 
-    leaked = [h for h in list(_WRAPPED.values()) if h.model in _MODELS.values()]
-    for h in leaked:
-        h.remove()
-    assert not leaked, f"a test left {leaked} wrapped"
+    leaked = [(m, owner) for m in _MODELS.values() if (owner := ModelSessions.find(m)) is not None]
+    for _, owner in leaked:
+        for session in list(owner.sessions):
+            owner.remove(session)
+    assert not leaked, f"a test left {[type(m).__name__ for m, _ in leaked]} wrapped"
 
 
 def hook_ids(model: torch.nn.Module) -> set[tuple[str, str, int]]:

@@ -42,12 +42,6 @@ def test_apply_restores_the_model_when_the_block_raises():
     handle.remove()
 
 
-def test_wrapping_twice_names_the_fix():
-    model = tiny("llava")
-    with vtc.apply(model, "dart.r64"), pytest.raises(vtc.AlreadyWrappedError, match="remove"):
-        vtc.wrap(model, "dart.r128")
-
-
 def test_unknown_method_suggests_the_closest_name():
     with pytest.raises(vtc.UnknownMethodError, match=r"Did you mean 'dart'\?"):
         vtc.wrap(tiny("llava"), "drat")

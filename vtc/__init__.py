@@ -14,7 +14,6 @@ Importing vtc patches nothing and imports no triton.
 from vtc.api import Handle, apply, list_adapters, list_methods, wrap
 from vtc.config import MethodConfig, resolve
 from vtc.errors import (
-    AlreadyWrappedError,
     MethodConflictError,
     MissingCapabilityError,
     UnknownMethodError,
@@ -27,7 +26,6 @@ from vtc.flops import FlopsReport, ModelDims, flops
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlreadyWrappedError",
     "FlopsReport",
     "Handle",
     "MethodConfig",

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vtc.engine.record import ForwardKind
 from vtc.errors import MethodConflictError
 from vtc.method import AttentionCall, HookPoint, LayerContext, Method, StepContext
+from vtc.roles import CacheHook, Generator
 from vtc.state import VisualTokenState
+
+if TYPE_CHECKING:
+    from vtc.engine.cache import CacheView
 
 
 class Pipeline:
@@ -34,11 +39,17 @@ class Pipeline:
             raise MethodConflictError(
                 f"method {repeated[0]!r} is listed twice; give it once with the settings you want."
             )
-        generators = [m.name for m in self.methods if HookPoint.GENERATE in m.hooks]
+        generators = [m.name for m in self.methods if HookPoint.GENERATE in m.hooks or isinstance(m, Generator)]
         if len(generators) > 1:
             raise MethodConflictError(
                 f"{' and '.join(generators)} each replace the decoding loop; only one decoding method can run."
             )
+        #: The method that owns the decoding loop (installed as the model's ``generate``), if any.
+        self.generator: Generator | None = next((m for m in self.methods if isinstance(m, Generator)), None)
+        #: Methods that act on the KV cache after a forward, in the order given.
+        self.cache_hooks: list[CacheHook] = [m for m in self.methods if isinstance(m, CacheHook)]
+        #: Some method removes tokens, so caches and masks must stay consistent.
+        self.prunes = any(m.prunes for m in self.methods)
         self._stages: dict[int, list[Method]] = defaultdict(list)
         self._taps: dict[int, list[Method]] = defaultdict(list)
         for m in self.methods:
@@ -46,6 +57,11 @@ class Pipeline:
                 self._stages[layer].append(m)
             for layer in m.tap_layers(num_layers):
                 self._taps[layer].append(m)
+        # Stages that also prune the new tokens of extend forwards (a later image, a streamed chunk).
+        self._extend_stages = {i: [m for m in ms if m.extends] for i, ms in self._stages.items()}
+        self._extend_stages = {i: ms for i, ms in self._extend_stages.items() if ms}
+        self._extend_taps = {i: [m for m in ms if m.extends] for i, ms in self._taps.items()}
+        self._extend_taps = {i: ms for i, ms in self._extend_taps.items() if ms}
         self._reads: dict[int, list[Method]] = defaultdict(list)
         self._edits: dict[int, Method] = {}
         for m in self.methods:
@@ -115,13 +131,30 @@ class Pipeline:
     def stages_at(self, layer: int) -> list[Method]:
         return self._stages.get(layer, [])
 
+    def extend_stages_at(self, layer: int) -> list[Method]:
+        return self._extend_stages.get(layer, [])
+
+    def stage_layers_for(self, kind: ForwardKind) -> dict[int, list[Method]]:
+        """Layers with stages that act in a forward of `kind` (none in a decode step)."""
+        if kind is ForwardKind.PREFILL:
+            return self._stages
+        return self._extend_stages if kind is ForwardKind.EXTEND else {}
+
+    @property
+    def extend_tap_layers(self) -> list[int]:
+        return sorted(self._extend_taps)
+
     def on_forward_start(self) -> None:
         for m in self.methods:
             m.on_forward_start()
 
-    def on_attention(self, call: AttentionCall) -> None:
-        for m in self._taps.get(call.layer_idx, []):
+    def on_attention(self, call: AttentionCall, *, extend: bool = False) -> None:
+        for m in (self._extend_taps if extend else self._taps).get(call.layer_idx, []):
             m.on_attention(call)
+
+    def on_cache(self, view: CacheView, kind: ForwardKind) -> None:
+        for m in self.cache_hooks:
+            m.on_cache(view, kind)
 
     @property
     def read_layers(self) -> list[int]:

@@ -27,9 +27,5 @@ class MethodConflictError(VTCError, ValueError):
     """Two methods that cannot run together in one model (for example two owners of generation)."""
 
 
-class AlreadyWrappedError(VTCError, RuntimeError):
-    """A model that vtc already wraps; remove the first handle before wrapping again."""
-
-
 class UnsupportedTransformersError(VTCError, RuntimeError):
     """The installed transformers moved an internal vtc relies on (see ``vtc.surface``)."""

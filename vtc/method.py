@@ -201,6 +201,9 @@ class Method:
     fixed_counts: ClassVar[bool] = True
     #: The method removes tokens; False for methods that only change attention or decoding (VAR, DeCo).
     prunes: ClassVar[bool] = True
+    #: The method's stages (and their taps) also act in extend forwards: new tokens over a non-empty
+    #: cache, such as a later image in a chat or a streamed video chunk. They then see only the new tokens.
+    extends: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig) -> None:
         if not isinstance(config, self.config_cls):

@@ -8,13 +8,80 @@ Pruning stages replace it with a gathered copy; nothing in it is model-specific.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 if TYPE_CHECKING:
     from vtc.flops import FlopsReport, ModelDims
+
+
+class TokenKind(enum.IntEnum):
+    """What a visual token is, in ``VisualLayout.kind``."""
+
+    PATCH = 0  # a patch (or a pooled / merged group of patches) of an image or frame
+    NEWLINE = 1  # an image-newline token at the end of a grid row (anyres LLaVA-NeXT / OneVision)
+    CLS = 2  # the tower's CLS token fed to the LLM (LLaVA's "full" feature strategy)
+    CARRIER = 3  # a token standing for a whole frame (VideoScan)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualLayout:
+    """Where each token of a forward sits in its image or video; methods read this, never a fixed grid.
+
+    Attributes:
+        table: ``[B, L, 8]`` integers, one row of ``FIELDS`` per token; ``-1`` for text tokens and for
+            fields that do not apply (``crop`` outside anyres tiles, ``row`` / ``col`` off the grid).
+        tower: ``[B, L, K]`` for visual tokens, the positions in their item's tower output sequence that the
+            token stands for (LLaVA: one patch, CLS first in the tower; Qwen: the ``K = 4`` patches of its 2 x 2
+            merge); ``-1`` elsewhere and as padding.
+    """
+
+    table: torch.Tensor
+    tower: torch.Tensor
+
+    #: ``item``: the image or video among the batch's features, in the order the model encodes them;
+    #: ``media``: among the row's images and videos; ``modality``: 0 image, 1 video; ``frame``: temporal
+    #: index (0 for images); ``crop``: anyres tile (-1 base view or none); ``row`` / ``col``: grid cell;
+    #: ``kind``: a ``TokenKind``.
+    FIELDS: ClassVar[tuple[str, ...]] = ("item", "media", "modality", "frame", "crop", "row", "col", "kind")
+
+    @classmethod
+    def empty(cls, batch: int, length: int, tower_width: int, device: torch.device) -> VisualLayout:
+        table = torch.full((batch, length, len(cls.FIELDS)), -1, dtype=torch.long, device=device)
+        return cls(table, torch.full((batch, length, tower_width), -1, dtype=torch.long, device=device))
+
+    @classmethod
+    def from_coords(cls, coords: torch.Tensor) -> VisualLayout:
+        """A layout from ``[B, L, 4]`` (image, frame, row, col) of image patches (for tests and tools)."""
+        layout = cls.empty(*coords.shape[:2], 1, coords.device)
+        on = coords[..., 0] >= 0
+        for name, column in zip(("media", "frame", "row", "col"), coords.unbind(-1), strict=True):
+            layout.field(name)[:] = column
+        layout.field("modality")[on] = 0
+        layout.field("kind")[on] = TokenKind.PATCH
+        return layout
+
+    def field(self, name: str) -> torch.Tensor:
+        """``[B, L]`` one field (a view: writes go into the table)."""
+        return self.table[..., self.FIELDS.index(name)]
+
+    @property
+    def coords(self) -> torch.Tensor:
+        """``[B, L, 4]`` (media within the row, frame, grid row, grid column) of grid tokens; -1 elsewhere."""
+        cols = [self.FIELDS.index(n) for n in ("media", "frame", "row", "col")]
+        coords = self.table[..., cols]
+        on_grid = (self.field("kind") == TokenKind.PATCH) & (self.field("row") >= 0)
+        return torch.where(on_grid[..., None], coords, -1)
+
+    def gather(self, slots: torch.Tensor, filled: torch.Tensor) -> VisualLayout:
+        """The layout after keeping `slots` ``[B, L']`` (padding where not `filled`)."""
+        safe = slots.clamp(min=0)[..., None]
+        table = self.table.gather(1, safe.expand(*safe.shape[:2], self.table.shape[-1]))
+        tower = self.tower.gather(1, safe.expand(*safe.shape[:2], self.tower.shape[-1]))
+        return VisualLayout(torch.where(filled[..., None], table, -1), torch.where(filled[..., None], tower, -1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,23 +95,34 @@ class VisualTokenState:
         valid: ``[B, L]`` the slot takes part in attention (the user's attention mask, and not a vtc slot).
         ordinal: ``[B, L]`` for visual slots, the index of the token among its row's visual tokens in the
             input (the patch order, for plots); ``-1`` elsewhere.
-        coords: ``[B, L, 4]`` for visual slots, (image within the row, frame, grid row, grid column);
-            ``-1`` elsewhere. None when the adapter cannot tell.
+        layout: where each slot's token sits in its image or video; None when the adapter cannot tell.
     """
 
     index: torch.Tensor
     visual: torch.Tensor
     valid: torch.Tensor
     ordinal: torch.Tensor
-    coords: torch.Tensor | None = None
+    layout: VisualLayout | None = None
 
     @classmethod
-    def initial(cls, visual: torch.Tensor, valid: torch.Tensor, coords: torch.Tensor | None = None) -> VisualTokenState:
-        """The state of an unpruned input: slot i holds input position i."""
+    def initial(
+        cls, visual: torch.Tensor, valid: torch.Tensor, layout: VisualLayout | torch.Tensor | None = None
+    ) -> VisualTokenState:
+        """The state of an unpruned input: slot i holds input position i.
+
+        `layout` may also be ``[B, L, 4]`` grid coordinates (image, frame, row, col) of image patches.
+        """
         batch, length = visual.shape
         index = torch.arange(length, device=visual.device).expand(batch, length)
         ordinal = torch.where(visual, visual.long().cumsum(dim=1) - 1, -1)
-        return cls(index=index, visual=visual, valid=valid & torch.ones_like(visual), ordinal=ordinal, coords=coords)
+        if isinstance(layout, torch.Tensor):
+            layout = VisualLayout.from_coords(layout)
+        return cls(index=index, visual=visual, valid=valid & torch.ones_like(visual), ordinal=ordinal, layout=layout)
+
+    @property
+    def coords(self) -> torch.Tensor | None:
+        """``[B, L, 4]`` (image within the row, frame, grid row, grid column) of grid tokens; -1 elsewhere."""
+        return self.layout.coords if self.layout is not None else None
 
     @property
     def batch_size(self) -> int:
@@ -71,16 +149,12 @@ class VisualTokenState:
         """
         safe = slots.clamp(min=0)
         pick = lambda t: t.gather(1, safe)  # noqa: E731  [B, L] -> [B, L']
-        coords = None
-        if self.coords is not None:  # [B, L, 4] -> [B, L', 4]
-            coords = self.coords.gather(1, safe[..., None].expand(*safe.shape, 4))
-            coords = torch.where(filled[..., None], coords, -1)
         return VisualTokenState(
             index=torch.where(filled, pick(self.index), -1),
             visual=pick(self.visual) & filled,
             valid=pick(self.valid) & filled,
             ordinal=torch.where(filled, pick(self.ordinal), -1),
-            coords=coords,
+            layout=self.layout.gather(slots, filled) if self.layout is not None else None,
         )
 
     def grids(self, row: int, present: torch.Tensor) -> Iterator[tuple[torch.Tensor, int, int]]:
@@ -129,6 +203,8 @@ class StageRecord:
         kept_positions: per row, input positions of the visual tokens kept.
         visual_before: per row, visual tokens present before the stage.
         kept_tokens: per row, input positions of every token kept (text included), ascending.
+        kind: the forward the stage ran in: ``"prefill"``, or ``"extend"`` (new tokens over a cache; its
+            positions count from that forward's first token).
     """
 
     method: str
@@ -137,6 +213,7 @@ class StageRecord:
     kept_positions: list[torch.Tensor]
     visual_before: list[int]
     kept_tokens: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    kind: str = "prefill"
 
     @property
     def visual_after(self) -> list[int]:
@@ -154,7 +231,8 @@ class TokenStats:
         seq_len_per_layer: ``[layer]`` the tensor length each layer computed on (padding included).
         stages: one record per pruning stage that ran, in execution order.
         backends: kernel op -> backend that ran it (``"torch"`` or ``"triton"``).
-        decode_steps: forwards after the prefill that reused its cache.
+        decode_steps: forwards after the prefill that reused its cache (one-token decodes and extends).
+        extends: of those, the forwards of several new tokens (a chat turn, a verify step, a video chunk).
         extra_forwards: forwards a decoding method ran beyond the model's own.
         image_tokens: LLM visual tokens of each image (or video) in the batch, for the vision FLOPs.
         prepass_tokens_per_layer: ``[layer][row]`` tokens of a method's pre-pass (GemFilter runs layers
@@ -169,6 +247,7 @@ class TokenStats:
     stages: list[StageRecord] = dataclasses.field(default_factory=list)
     backends: dict[str, str] = dataclasses.field(default_factory=dict)
     decode_steps: int = 0
+    extends: int = 0
     extra_forwards: int = 0
     image_tokens: list[int] = dataclasses.field(default_factory=list)
     prepass_tokens_per_layer: list[list[int]] = dataclasses.field(default_factory=list)

@@ -255,6 +255,13 @@ def rotary(text_model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor)
     return text_model.rotary_emb(hidden, positions)
 
 
+def mrope_positions(vlm: nn.Module, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, **grids: Any) -> Any:
+    """Qwen-VL's M-RoPE position ids ``[3, B, L]`` of a whole sequence (``image_grid_thw=``,
+    ``video_grid_thw=``, ``attention_mask=``), for callers that feed it in pieces and pass positions."""
+    positions, _ = vlm.get_rope_index(input_ids, mm_token_type_ids, **grids)
+    return positions
+
+
 # -- the guard --------------------------------------------------------------------------------------
 def check(text_model: nn.Module, layers: Iterable[nn.Module]) -> None:
     """Raise ``UnsupportedTransformersError`` unless every internal vtc uses is where vtc expects it.

@@ -10,6 +10,7 @@ from torch import nn
 from vtc.adapters.base import Adapter
 from vtc.adapters.registry import register_adapter
 from vtc.flops import ModelDims, VisionDims
+from vtc.state import TokenKind, VisualLayout
 
 
 @register_adapter
@@ -41,18 +42,42 @@ class LlavaAdapter(Adapter):
     def vision_has_cls(self) -> bool:
         return True
 
-    def visual_coords(self, visual: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """Images in order of appearance, each a g x g grid of patches in raster order (CLS dropped)."""
+    def layout(self, visual: torch.Tensor, kwargs: dict) -> VisualLayout | None:
+        """Images in order of appearance, each a g x g grid of patches in raster order.
+
+        With the "full" feature strategy the tower's CLS token comes first (kind CLS, no grid cell).
+        Each LLM token stands for one tower token; the tower puts CLS at position 0.
+        """
+        if not bool(visual.any()):
+            return None
         v = self.model.config.vision_config
         side = v.image_size // v.patch_size
         full = self.model.config.vision_feature_select_strategy == "full"
         per_image = side * side + (1 if full else 0)
+        counts = visual.sum(dim=1)
+        if bool((counts % per_image).any()):
+            row = int((counts % per_image).nonzero()[0])
+            raise ValueError(
+                f"row {row} has {int(counts[row])} image placeholders, which is no whole number of images of "
+                f"{per_image} tokens each; give one <image> per image to the processor and let it expand them."
+            )
         ordinal = visual.long().cumsum(dim=1) - 1  # [B, L]
-        image, within = ordinal // per_image, ordinal % per_image
+        media, within = ordinal // per_image, ordinal % per_image
+        self._check_contiguous(media, visual, "image")
+        before = torch.cat([counts.new_zeros(1), (counts // per_image).cumsum(0)[:-1]])  # images of earlier rows
         patch = within - (1 if full else 0)  # "full" keeps CLS first: it has no grid cell
-        coords = torch.stack([image, torch.zeros_like(image), patch // side, patch % side], dim=-1)
+        layout = VisualLayout.empty(*visual.shape, 1, visual.device)
         on_grid = visual & (patch >= 0)
-        return torch.where(on_grid[..., None], coords, -1)
+        values = {
+            "item": media + before[:, None], "media": media, "modality": torch.zeros_like(media),
+            "frame": torch.zeros_like(media), "row": torch.where(on_grid, patch // side, -1),
+            "col": torch.where(on_grid, patch % side, -1),
+            "kind": torch.where(on_grid, int(TokenKind.PATCH), int(TokenKind.CLS)),
+        }  # fmt: skip
+        for name, value in values.items():
+            layout.field(name)[:] = torch.where(visual, value, -1)
+        layout.tower[..., 0] = torch.where(visual, within + (0 if full else 1), -1)  # CLS is tower position 0
+        return layout
 
     def dims(self) -> ModelDims:
         v = self.model.config.vision_config

@@ -16,6 +16,7 @@ from vtc import surface
 from vtc.adapters.base import Adapter
 from vtc.adapters.registry import register_adapter
 from vtc.flops import ModelDims, VisionDims
+from vtc.state import TokenKind, VisualLayout
 
 
 @register_adapter
@@ -52,22 +53,87 @@ class Qwen2VLAdapter(Adapter):
     def dims(self) -> ModelDims:
         return self._text_dims(self._vision_dims())
 
-    def visual_coords(self, visual: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
-        """From the M-RoPE rows: each contiguous visual run is one image or video; (t, h, w) are its
-        temporal / height / width positions relative to the run's first token."""
-        positions = kwargs.get(surface.POSITION_IDS)
-        if positions is None or positions.dim() != 3:
+    def layout(self, visual: torch.Tensor, kwargs: dict) -> VisualLayout | None:
+        """Images and videos from their ``*_grid_thw``: each item's tokens in raster order over (t, h, w)
+        after the spatial merge; each LLM token stands for the ``merge**2`` consecutive tower patches of
+        its merge window."""
+        if not bool(visual.any()):
             return None
-        rope = positions[-3:].long()  # [3, B, L]: temporal, height, width (generate adds a text row first)
-        starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]  # first token of each run
-        image = starts.long().cumsum(dim=1) - 1  # [B, L]
-        coords = [image]
-        for row in rope:
-            # The run's start value, carried forward along the row by a running max over start positions.
-            start_idx = torch.where(starts, torch.arange(visual.shape[1], device=visual.device), 0).cummax(dim=1).values
-            coords.append(row - row.gather(1, start_idx))
-        coords = torch.stack(coords, dim=-1)  # [B, L, 4]
-        return torch.where(visual[..., None], coords, -1)
+        ids = kwargs.get("input_ids")
+        types = kwargs.get("mm_token_type_ids")
+        if ids is not None:
+            kinds = {0: ids == self.model.config.image_token_id, 1: ids == self.model.config.video_token_id}
+        elif types is not None:
+            kinds = {0: types == 1, 1: types == 2}
+        else:
+            return None
+        merge = self.model.config.vision_config.spatial_merge_size
+        layout = VisualLayout.empty(*visual.shape, merge * merge, visual.device)
+        positions = kwargs.get(surface.POSITION_IDS)
+        for modality, grid_name in enumerate(("image_grid_thw", "video_grid_thw")):
+            grids = kwargs.get(grid_name)
+            if grids is None and positions is not None and positions.dim() == 3:
+                # generate may pass encoded features instead of grids; M-RoPE positions carry the grid too
+                self._fill_from_positions(layout, kinds[modality], positions[-3:], modality, merge)
+            else:
+                self._fill(layout, kinds[modality], grids, modality, merge, grid_name)
+        # One key per item across both modalities (item numbers restart for videos).
+        self._check_contiguous(layout.field("item") * 2 + layout.field("modality"), visual, "item")
+        return layout
+
+    @staticmethod
+    def _fill_from_positions(
+        layout: VisualLayout, mask: torch.Tensor, rope: torch.Tensor, modality: int, merge: int
+    ) -> None:
+        """Assign items from M-RoPE rows ``[3, B, L]``: each contiguous placeholder run is one item, and
+        (t, h, w) relative to its first token give frame (by rank: video times may skip), row and column."""
+        item = 0
+        for b in range(mask.shape[0]):
+            pos = mask[b].nonzero().flatten()
+            if not len(pos):
+                continue
+            breaks = (pos.diff() != 1).nonzero().flatten() + 1
+            for media, at in enumerate(torch.tensor_split(pos, breaks.tolist())):
+                t, h, w = (r[b, at] - r[b, at[0]] for r in rope)
+                frame = torch.unique(t, return_inverse=True)[1]
+                cols, per_frame = int(w.max()) + 1, int((h.max() + 1) * (w.max() + 1))
+                j = frame * per_frame + h * cols + w  # raster index in the item
+                for field, value in (
+                    ("item", item), ("media", media), ("modality", modality), ("frame", frame),
+                    ("row", h), ("col", w), ("kind", int(TokenKind.PATCH)),
+                ):  # fmt: skip
+                    layout.field(field)[b, at] = value
+                layout.tower[b, at] = j[:, None] * merge * merge + torch.arange(merge * merge, device=pos.device)
+                item += 1
+
+    @staticmethod
+    def _fill(layout: VisualLayout, mask: torch.Tensor, grids: Any, modality: int, merge: int, name: str) -> None:
+        """Assign this modality's items (rows in order, grids in order) to its placeholder tokens."""
+        total = int(mask.sum())
+        sizes = [] if grids is None else [int(t * h * w) // merge**2 for t, h, w in grids.tolist()]
+        if total != sum(sizes):
+            raise ValueError(
+                f"the input has {total} {'video' if modality else 'image'} placeholders but {name} describes "
+                f"{sum(sizes)} tokens ({len(sizes)} items); pass the ids and grids the processor made together."
+            )
+        item, media_in_row = 0, [0] * mask.shape[0]
+        for b in range(mask.shape[0]):
+            pos = mask[b].nonzero().flatten()
+            start = 0
+            while start < len(pos):
+                n = sizes[item]
+                _, h, w = (int(x) for x in grids[item].tolist())
+                cols, per_frame = w // merge, (h // merge) * (w // merge)
+                j = torch.arange(n, device=pos.device)
+                at = pos[start : start + n]
+                for field, value in (
+                    ("item", item), ("media", media_in_row[b]), ("modality", modality), ("frame", j // per_frame),
+                    ("row", (j % per_frame) // cols), ("col", j % cols), ("kind", int(TokenKind.PATCH)),
+                ):  # fmt: skip
+                    layout.field(field)[b, at] = value
+                layout.tower[b, at] = j[:, None] * merge * merge + torch.arange(merge * merge, device=pos.device)
+                item, start = item + 1, start + n
+                media_in_row[b] += 1
 
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """M-RoPE embeddings; 1-D positions (a renumbered sequence) number all three rows alike."""
