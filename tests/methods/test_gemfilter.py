@@ -10,7 +10,7 @@ import vtc
 from vtc import surface
 from vtc.adapters import ADAPTERS, adapter_for
 from vtc.method import AttentionCall
-from vtc.methods.gemfilter import GemFilter, GemFilterConfig
+from vtc.methods.gemfilter import GemFilterConfig, last_query_scores
 from vtc.state import VisualTokenState
 
 
@@ -90,9 +90,8 @@ def test_scores_are_the_papers_raw_logits_summed_and_pooled():
     query, key = torch.randn(2, 6, 11, 8, generator=g), torch.randn(2, 3, 11, 8, generator=g)
     visual = torch.zeros(2, 11, dtype=torch.bool)
     state = VisualTokenState.initial(visual, torch.ones_like(visual))
-    method = GemFilter(GemFilterConfig(layer=1))
-    method.on_attention(AttentionCall(1, query, key, key, None, 8**-0.5, state))
-    torch.testing.assert_close(method._scores, naive_scores(query, key, 5), atol=1e-5, rtol=1e-5)
+    scores = last_query_scores(AttentionCall(1, query, key, key, None, 8**-0.5, state), pool_kernel=5)
+    torch.testing.assert_close(scores, naive_scores(query, key, 5), atol=1e-5, rtol=1e-5)
 
 
 def test_selection_depends_only_on_layers_up_to_r():
