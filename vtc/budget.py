@@ -132,7 +132,13 @@ class Budget:
                 "a budget per image needs to know which image each visual token belongs to, and this model "
                 "family does not report it; use budget_scope='row'."
             )
-        return state.coords[..., 0].clamp(min=0)  # [B, L, 4] -> [B, L]: the image index within the row
+        image = state.coords[..., 0]  # [B, L, 4] -> [B, L]: the image index within the row, -1 off the grids
+        if bool((state.visual & state.valid & (image < 0)).any()):
+            raise ValueError(
+                "a budget per image needs the image of every visual token, and this model family reports some "
+                "without one (a CLS token kept by vision_feature_select_strategy='full'); use budget_scope='row'."
+            )
+        return image.clamp(min=0)
 
     @staticmethod
     def count(mask: torch.Tensor, units: torch.Tensor, width: int | None = None) -> torch.Tensor:
