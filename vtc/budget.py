@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
+from vtc import kernels
 from vtc.config import MethodConfig, check_fraction, check_int
 
 if TYPE_CHECKING:
@@ -163,8 +164,6 @@ def keep_top_k(
     Returns:
         ``[B, L]`` bool: the kept slots, a subset of `candidates`.
     """
-    from vtc import kernels
-
     k = k[:, None] if k.dim() == 1 else k  # [B] -> [B, 1]
     if units is None and k.shape[1] > 1:
         raise ValueError(f"keep_top_k: {k.shape[1]} counts per row need `units` saying which slot is in which unit.")
