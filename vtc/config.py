@@ -149,11 +149,9 @@ def check_fraction(method: str, name: str, value: Any, *, optional: bool = False
         raise ValueError(f"{method}: {name} must be a number in {interval}; got {value!r}.")
 
 
-def check_keep(config: MethodConfig, method: str, default_keep: int) -> None:
-    """Validate a ``keep`` / ``keep_ratio`` pair: at most one is set; with neither, ``keep = default_keep``."""
-    if config.keep is not None and config.keep_ratio is not None:
-        raise ValueError(f"{method}: set only one of keep, keep_ratio.")
-    if config.keep is None and config.keep_ratio is None:
-        object.__setattr__(config, "keep", default_keep)
-    check_int(method, "keep", config.keep, 0, optional=True)
-    check_fraction(method, "keep_ratio", config.keep_ratio, optional=True)
+def check_layers(method: str, layers: Any, name: str = "layers") -> None:
+    """Raise ``ValueError`` unless `layers` is None or a sequence of integer layer indices (negative from the end)."""
+    if layers is None:
+        return
+    for layer in layers:
+        check_int(method, f"{name} entries", layer, -10_000)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
+from vtc.budget import Budget, keep_top_k
 from vtc.config import MethodConfig
 from vtc.errors import MissingCapabilityError, UnknownMethodError
 from vtc.registry import Registry
@@ -333,82 +335,122 @@ def realign(values: torch.Tensor, tapped: torch.Tensor, index: torch.Tensor) -> 
     (an earlier stage dropped some). Both position lists ascend, so each token is found by search.
 
     Args:
-        values: ``[B, L_tapped]``.
+        values: ``[B, L_tapped, ...]``.
         tapped: ``[B, L_tapped]`` input positions (-1 for padding slots) of the tapped slots.
         index: ``[B, L]`` input positions of the current slots.
+
+    Returns:
+        ``[B, L, ...]``: the values of the current slots.
     """
     if tapped.shape == index.shape and bool((tapped == index).all()):
         return values
-    slot = torch.searchsorted(tapped.contiguous(), index.contiguous()).clamp(max=tapped.shape[1] - 1)
+    slot = torch.searchsorted(tapped.contiguous(), index.contiguous()).clamp(max=tapped.shape[1] - 1)  # [B, L]
+    trailing = values.shape[2:]
+    slot = slot.view(*slot.shape, *(1,) * len(trailing)).expand(*slot.shape, *trailing)  # [B, L, ...]
     return values.gather(1, slot)
 
 
-def output_layers(
-    method: str, given: tuple[int, ...] | None, paper: tuple[int, ...], num_layers: int, paper_depth: int = 32
-) -> tuple[int, ...]:
-    """Layers whose outputs a method prunes: the user's, or the paper's scaled to this model's depth.
-
-    Papers state layers for 32-layer LLaVA-1.5 (layer 2 of 32); another depth gets round(l x depth / 32),
-    so one setting works on Qwen2-VL's 28 layers and on tiny test models. The last layer has no output to
-    prune, so no layer may be the last.
-    """
-    if given is not None:
-        layers = [resolve_layer(method, "layers", x, num_layers) for x in given]
-    else:
-        layers = [min(round(x * num_layers / paper_depth), num_layers - 2) for x in paper]
-    layers = sorted(set(layers))
-    if layers and layers[-1] >= num_layers - 1:
-        raise ValueError(f"{method}: the last layer ({num_layers - 1}) has no output left to prune.")
-    return tuple(layers)
-
-
-def padded_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, L]`` bool -> ``[B, N]`` slot indices where true (ascending) and ``[B, N]`` validity, N = max count."""
-    length = mask.shape[1]
-    order = torch.where(mask, torch.arange(length, device=mask.device), length).sort(dim=1).values
-    width = int(mask.sum(dim=1).max().item()) if mask.numel() else 0
-    order = order[:, :width]
-    valid = order < length
-    return torch.where(valid, order, 0), valid
-
-
-def resolve_layer(method: str, name: str, layer: int, num_layers: int, lo: int = 0) -> int:
-    """Map a possibly negative layer index onto ``[lo, num_layers)``, or raise naming the valid range."""
-    resolved = layer + num_layers if layer < 0 else layer
-    if not lo <= resolved < num_layers:
-        raise ValueError(
-            f"{method}: {name}={layer} is outside this model's decoder layers; use {lo}..{num_layers - 1} "
-            f"(or a negative index from the end)."
-        )
-    return resolved
-
-
 class ScoringPruner(Method):
-    """Template for pruners that score visual tokens and keep the best ones.
+    """Template for pruners that score tokens and keep the best: score -> budget -> stable top-k -> keep.
 
-    A subclass writes ``score`` and ``num_keep``; the base masks everything but valid visual tokens, takes
-    a stable top-k per row (ties go to the lower index) and returns the keep mask.
+    A subclass writes ``score``; the base resolves the config's ``Budget`` per unit (a row, or each image
+    of a row), takes a stable top-k among the candidates of each unit (ties go to the lower index,
+    ``vtc.kernels.topk_gather``) and keeps those. Subclasses change one step each: ``candidates`` (what
+    competes), ``num_keep`` (a count the budget cannot express, such as SparseVLM's rank rule), ``choose``
+    (a rule other than top-k, such as MustDrop's thresholds) or ``finish`` (merged tokens, another scope).
     """
 
     hooks = frozenset({HookPoint.LAYER})
 
-    def score(self, ctx: LayerContext) -> torch.Tensor:
-        """``[B, L]`` scores over the current slots (higher = keep); only valid visual slots are read."""
+    @functools.cached_property
+    def budget(self) -> Budget:
+        """The visual tokens this method keeps per unit, from its config's budget fields."""
+        return Budget.of(self.config)
+
+    def score(self, ctx: LayerContext) -> torch.Tensor | None:
+        """``[B, L]`` scores over the current slots (higher = keep), or None to keep everything this time."""
         raise NotImplementedError
 
-    def num_keep(self, n_visual: torch.Tensor) -> torch.Tensor:
-        """``[B]`` visual tokens to keep per row, given ``[B]`` visual tokens present."""
+    def candidates(self, ctx: LayerContext) -> torch.Tensor:
+        """``[B, L]`` bool: the slots that compete (default: valid visual tokens)."""
+        return ctx.state.visual & ctx.state.valid
+
+    def num_keep(self, ctx: LayerContext, present: torch.Tensor) -> torch.Tensor:
+        """``[B, G]`` tokens to keep in each unit that holds ``[B, G]`` `present` candidates (the budget's)."""
+        return self.budget.resolve(present)
+
+    def choose(self, ctx: LayerContext, scores: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` bool kept candidates: the budget's count per unit, by a stable top-k of `scores`."""
+        candidates = self.candidates(ctx)
+        units = self.budget.units(ctx.state)  # [B, L]
+        present = Budget.count(candidates, units)  # [B, G]
+        k = torch.minimum(self.num_keep(ctx, present), present)
+        return keep_top_k(scores, k, candidates, units)
+
+    def finish(self, ctx: LayerContext, scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | Selection:
+        """What the stage returns for the kept slots (default: the mask itself, visual scope)."""
+        return keep
+
+    def select(self, ctx: LayerContext) -> torch.Tensor | Selection | None:
+        scores = self.score(ctx)
+        if scores is None:
+            return None
+        return self.finish(ctx, scores, self.choose(ctx, scores))
+
+
+class AttentionScoredPruner(ScoringPruner):
+    """Template for pruners scored by attention: tap at layer i-1 -> realign -> score -> top-k -> keep.
+
+    A subclass writes ``tap``: from one attention call of a tapped layer, ``[B, L, ...]`` values over that
+    call's slots (``AttentionCall.rows`` gives softmax rows without the L x L matrix). The base records
+    them with the slots' input positions and, at the stage that reads them, realigns them to the current
+    slots (an earlier stage of the same forward may have dropped some) and hands them to ``choose``.
+    By default a stage prunes the output of each layer in ``scored_layers``, reading that layer's tap.
+    """
+
+    hooks = frozenset({HookPoint.LAYER, HookPoint.ATTENTION})
+    requires = frozenset({"attn_tap"})
+
+    def __init__(self, config: MethodConfig) -> None:
+        super().__init__(config)
+        #: tapped layer -> (values, input positions of the tapped slots), or None: nothing to score.
+        self.tapped: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+    def scored_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Layers whose attention is tapped and whose outputs are pruned (the stage runs at the next input)."""
         raise NotImplementedError
 
-    def select(self, ctx: LayerContext) -> torch.Tensor:
-        from vtc import kernels
+    def prune_layers(self, num_layers: int) -> tuple[int, ...]:
+        return tuple(x + 1 for x in self.scored_layers(num_layers))
 
-        state = ctx.state
-        candidates = state.visual & state.valid
-        k = torch.minimum(self.num_keep(state.num_visual()), state.num_visual())
-        picks = kernels.topk_gather(self.score(ctx), k, valid=candidates)
-        keep = torch.zeros_like(candidates)
-        return keep.scatter(1, picks.indices, picks.mask) & candidates
+    def tap_layers(self, num_layers: int) -> tuple[int, ...]:
+        return self.scored_layers(num_layers)
+
+    def tapped_for(self, layer_idx: int) -> int:
+        """The tapped layer whose values score the stage at the input of `layer_idx` (default: the one before)."""
+        return layer_idx - 1
+
+    def tap(self, call: AttentionCall) -> torch.Tensor | None:
+        """``[B, L, ...]`` values over the call's slots, or None when there is nothing to score (no query row)."""
+        raise NotImplementedError
+
+    def on_forward_start(self) -> None:
+        self.tapped = {}
+
+    def on_attention(self, call: AttentionCall) -> None:
+        values = self.tap(call)
+        self.tapped[call.layer_idx] = None if values is None else (values, call.state.index)
+
+    def score(self, ctx: LayerContext) -> torch.Tensor | None:
+        """The tapped values, realigned to the current slots; None when the tap found nothing to score."""
+        layer = self.tapped_for(ctx.layer_idx)
+        if layer not in self.tapped:
+            raise RuntimeError(
+                f"{self.name}: layer {layer} did not report its attention in this forward; vtc's attention tap "
+                f"was bypassed (was the attention implementation changed after wrapping?)."
+            )
+        recorded = self.tapped[layer]
+        return None if recorded is None else realign(*recorded, ctx.state.index)
 
 
 METHODS: Registry[type[Method]] = Registry("method", UnknownMethodError)

@@ -50,11 +50,10 @@ def test_composes_with_pruning_and_sampling_stays_in_the_candidates():
     inputs, _ = batch_for(model, "llava")
     seen = []
     with vtc.apply(model, ["dart.r64", "deco"]) as handle, torch.no_grad():
-        handle.model.register_forward_hook(lambda m, a, o: seen.append(o.logits[:, -1].clone()))
+        spy = handle.model.register_forward_hook(lambda m, a, o: seen.append(o.logits[:, -1].clone()))
         torch.manual_seed(0)
         out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=True, top_k=0)
-        hooks = handle.model._forward_hooks
-        hooks.pop(max(hooks))
+        spy.remove()
     new = out[:, inputs["input_ids"].shape[1] :]
     for step, logits in enumerate(seen):  # the emitted token is always a DeCo candidate
         assert torch.isfinite(logits.gather(1, new[:, step : step + 1])).all()

@@ -10,7 +10,7 @@ import vtc
 from vtc import surface
 from vtc.adapters import ADAPTERS, adapter_for
 from vtc.method import AttentionCall
-from vtc.methods.gemfilter import GemFilter, GemFilterConfig
+from vtc.methods.gemfilter import GemFilterConfig, last_query_scores
 from vtc.state import VisualTokenState
 
 
@@ -90,26 +90,27 @@ def test_scores_are_the_papers_raw_logits_summed_and_pooled():
     query, key = torch.randn(2, 6, 11, 8, generator=g), torch.randn(2, 3, 11, 8, generator=g)
     visual = torch.zeros(2, 11, dtype=torch.bool)
     state = VisualTokenState.initial(visual, torch.ones_like(visual))
-    method = GemFilter(GemFilterConfig(layer=1))
-    method.on_attention(AttentionCall(1, query, key, key, None, 8**-0.5, state))
-    torch.testing.assert_close(method._scores, naive_scores(query, key, 5), atol=1e-5, rtol=1e-5)
+    scores = last_query_scores(AttentionCall(1, query, key, key, None, 8**-0.5, state), pool_kernel=5)
+    torch.testing.assert_close(scores, naive_scores(query, key, 5), atol=1e-5, rtol=1e-5)
 
 
 def test_selection_depends_only_on_layers_up_to_r():
+    """Changing layer 3 (after r = 2) changes the pruned output but not the selection; changing layer 1 does."""
     cls = ADAPTERS.get("llava")
-    a, b = cls.tiny_model(seed=0), cls.tiny_model(seed=0)
+    models = [cls.tiny_model(seed=0) for _ in range(3)]
     with torch.no_grad():
-        for p in b.model.language_model.layers[3].parameters():  # r = 2 for 4 layers: layer 3 is after it
-            p.add_(torch.randn_like(p))
-    sample = cls.make_samples(a, batch=1)[0]
-    kept = []
-    for model in (a, b):
+        for model, layer in zip(models[1:], (3, 1), strict=True):
+            for p in adapter_for(model).layers[layer].parameters():
+                p.add_(torch.randn_like(p, generator=torch.Generator().manual_seed(layer)))
+    sample = cls.make_samples(models[0], batch=1)[0]
+    kept, logits = [], []
+    for model in models:
         with vtc.apply(model, "gemfilter", keep=16, layer=2) as handle, torch.no_grad():
-            out = model(**sample).logits
+            logits.append(model(**sample).logits)
             kept.append(handle.stats.stages[0].kept_tokens[0])
-            logits = out
     assert torch.equal(kept[0], kept[1])
-    assert not torch.equal(logits, a(**sample).logits)  # layer 3 did change the output
+    assert not torch.equal(logits[0], logits[1])  # both pruned the same way: layer 3 did change the output
+    assert not torch.equal(kept[0], kept[2])  # a layer before r changes what is kept
 
 
 def test_prepass_writes_no_cache_and_counts_in_flops(family):

@@ -12,7 +12,8 @@ from conftest import batch_for, tiny
 import vtc
 from vtc import surface
 from vtc.adapters import adapter_for
-from vtc.methods.mustdrop import MustDropConfig, grid_windows, merge_windows
+from vtc.methods.mustdrop import MustDropConfig
+from vtc.methods.windows import grid_windows, merge_windows
 
 ALL_WINDOWS = 25  # complete 3 x 3 windows of a 16 x 16 grid
 OFF = {"merge": "off", "key_set": False, "cache_trim": False}

@@ -8,14 +8,11 @@ from conftest import batch_for, text_inputs, tiny
 
 import vtc
 from vtc.adapters import adapter_for
-from vtc.method import LayerContext, get_method
-from vtc.methods.sparsevlm import (
-    SCHEDULES,
-    SparseVLM,
-    SparseVLMConfig,
-    density_peak_clusters,
-    interpolated_schedule,
-)
+from vtc.method import get_method
+from vtc.methods.attention import raters
+from vtc.methods.recycling import density_peak_clusters, recycle
+from vtc.methods.sparsevlm import SparseVLMConfig
+from vtc.methods.sparsevlm_schedule import SCHEDULES, interpolated_schedule
 from vtc.state import VisualTokenState
 
 
@@ -37,24 +34,38 @@ def naive_raters(embeds: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     return torch.tensor([t for t, r in zip(text, relevance, strict=True) if r > relevance.mean()])
 
 
+def naive_scores(family: str, sample: dict, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per visual token (input order), the naive raters' mean attention at `layer`; and the visual positions."""
+    embeds, attention = embeddings_and_attention(family, sample, layer)
+    visual = adapter_for(tiny(family)).visual_mask(sample["input_ids"], None)[0]
+    vis = visual.nonzero().flatten()
+    return attention[:, naive_raters(embeds.float(), visual)][:, :, vis].mean(dim=(0, 1)), vis  # [Nv], [Nv]
+
+
+def test_raters_are_the_text_tokens_whose_relevance_beats_the_mean(family):
+    model = tiny(family)
+    _, samples = batch_for(model, family, batch=2)
+    for sample in samples:
+        embeds, _ = text_inputs(model, sample)
+        visual = adapter_for(model).visual_mask(sample["input_ids"], None)
+        state = VisualTokenState.initial(visual, torch.ones_like(visual))
+        expected = naive_raters(embeds[0].float(), visual[0])
+        after_image = int((~visual[0] & (visual[0].cumsum(0) > 0)).sum())
+        assert 0 < len(expected) < after_image  # some of the text after the image rates, not all of it
+        assert torch.equal(raters(embeds, state)[0].nonzero().flatten(), expected)
+
+
 @pytest.mark.parametrize("budget", [64, 192])
 def test_single_stage_keeps_the_naive_top_k(family, budget):
     model = tiny(family)
     _, samples = batch_for(model, family, batch=2)
-    layer = 1
-    config = SparseVLMConfig(schedule=(SCHEDULES[budget][0],), layers=(layer,), recycle=False)
+    config = SparseVLMConfig(schedule=(SCHEDULES[budget][0],), layers=(1,), recycle=False)
     for sample in samples:
-        embeds, attention = embeddings_and_attention(family, sample, layer)
-        visual = adapter_for(model).visual_mask(sample["input_ids"], None)[0]
-        raters = naive_raters(embeds.float(), visual)
-        vis = visual.nonzero().flatten()
-        scores = attention[:, raters][:, :, vis].mean(dim=(0, 1))  # [Nv]
+        scores, vis = naive_scores(family, sample, 1)
         k = round(SCHEDULES[budget][0] * len(vis) / 576)
         expected = torch.sort(scores, descending=True, stable=True).indices[:k].sort().values
         with vtc.apply(model, config) as handle, torch.no_grad():
             model(**sample)
-        method = handle.methods[0]
-        assert torch.equal(method._raters[0].nonzero().flatten(), raters)
         assert torch.equal(handle.stats.kept_visual()[0], expected)
 
 
@@ -64,15 +75,12 @@ def test_recycling_adds_the_declared_clusters_from_the_best_pruned(family):
     config = SparseVLMConfig(schedule=(40,), layers=(1,))
     with vtc.apply(model, config) as handle, torch.no_grad():
         model(**samples[0])
-    method = handle.methods[0]
-    scores = method._scores[1][0][0]
-    visual = adapter_for(model).visual_mask(samples[0]["input_ids"], None)[0]
-    n_visual = int(visual.sum())
-    k = round(40 * n_visual / 576)
+    scores, vis = naive_scores(family, samples[0], 1)
+    k = round(40 * len(vis) / 576)
     kept = handle.stats.stages[-1].kept_positions[0]
-    by_score = torch.sort(scores.masked_fill(~visual, float("-inf")), descending=True, stable=True).indices
-    top_k, rest = by_score[:k], by_score[k:n_visual]
-    n_candidates = int(0.3 * (n_visual - k)) + 1
+    by_score = vis[torch.sort(scores, descending=True, stable=True).indices]  # input positions, best first
+    top_k, rest = by_score[:k], by_score[k:]
+    n_candidates = int(0.3 * (len(vis) - k)) + 1
     clusters = int(n_candidates * 0.1) + 1
     assert len(kept) == k + clusters
     assert torch.isin(top_k, kept).all()
@@ -88,9 +96,9 @@ def two_blobs() -> torch.Tensor:
 
 def test_recycled_tokens_are_the_means_of_their_clusters():
     # 6 pruned tokens, all candidates (ratio 1.0): int(7 * 0.2) + 1 = 2 clusters, one per blob.
-    method = SparseVLM(SparseVLMConfig(schedule=(1,), layers=(0,), recycle_ratio=1.0, cluster_ratio=0.2))
     hidden = two_blobs()
-    new, centres = method._recycle(hidden, torch.arange(6.0)[None], torch.ones(1, 6, dtype=torch.bool))
+    pruned = torch.ones(1, 6, dtype=torch.bool)
+    new, centres = recycle(hidden, torch.arange(6.0)[None], pruned, recycle_ratio=1.0, cluster_ratio=0.2)
     slots = centres[0].nonzero().flatten().tolist()
     assert len(slots) == 2 and slots[0] < 3 <= slots[1]
     torch.testing.assert_close(new[0, slots[0]], hidden[0, :3].mean(0), atol=1e-6, rtol=0)
@@ -109,20 +117,18 @@ def test_density_peaks_find_two_blobs():
 
 
 def test_identical_features_merge_to_that_feature():
-    method = SparseVLM(SparseVLMConfig(schedule=(1,), layers=(0,), recycle_ratio=1.0, cluster_ratio=0.5))
     hidden = torch.full((1, 6, 3), 0.5)
-    new, centres = method._recycle(hidden, torch.zeros(1, 6), torch.ones(1, 6, dtype=torch.bool))
+    pruned = torch.ones(1, 6, dtype=torch.bool)
+    new, centres = recycle(hidden, torch.zeros(1, 6), pruned, recycle_ratio=1.0, cluster_ratio=0.5)
     assert centres.sum() == int(7 * 0.5) + 1
     assert torch.equal(new, hidden)
 
 
 def test_equal_relevance_makes_every_text_token_a_rater():
-    method = SparseVLM(SparseVLMConfig())
     visual = torch.tensor([[False, True, True, False, False, False]])
     state = VisualTokenState.initial(visual, torch.ones_like(visual))
     hidden = torch.ones(1, 6, 4)  # every dot product equal: relevance is flat
-    method._rate(LayerContext(0, hidden, state, None))
-    assert method._raters.tolist() == [[False, False, False, True, True, True]]
+    assert raters(hidden, state).tolist() == [[False, False, False, True, True, True]]
 
 
 def test_layers_before_the_first_stage_are_bit_identical(family):
@@ -143,8 +149,8 @@ def test_rank_adaptive_keeps_rank_times_scale_plus_bias(family):
     sample = samples[0]
     embeds, attention = embeddings_and_attention(family, sample, 1)
     visual = adapter_for(model).visual_mask(sample["input_ids"], None)[0]
-    raters = naive_raters(embeds.float(), visual)
-    matrix = attention[:, raters][:, :, visual.nonzero().flatten()].mean(dim=0)  # [R, Nv]
+    rating = naive_raters(embeds.float(), visual)
+    matrix = attention[:, rating][:, :, visual.nonzero().flatten()].mean(dim=0)  # [R, Nv]
     rank = int(torch.linalg.matrix_rank(matrix.float()))
     config = SparseVLMConfig(budget=128, layers=(1,), rank_adaptive=True, recycle=False, rank_scale=2.0, rank_bias=3)
     with vtc.apply(model, config) as handle, torch.no_grad():

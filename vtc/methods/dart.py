@@ -19,8 +19,10 @@ from typing import Any, ClassVar
 import torch
 
 from vtc import kernels
-from vtc.config import MethodConfig, check_fraction, check_int
-from vtc.method import AttentionCall, HookPoint, LayerContext, Method, realign, register_method, resolve_layer
+from vtc.budget import Budget, check_budget
+from vtc.config import MethodConfig, check_int
+from vtc.method import AttentionCall, HookPoint, LayerContext, Method, realign, register_method
+from vtc.methods.layers import resolve_layer
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,11 +50,6 @@ class DARTConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        chosen = [k for k in ("budget", "keep", "keep_ratio") if getattr(self, k) is not None]
-        if len(chosen) > 1:
-            raise ValueError(f"dart: set only one of budget, keep, keep_ratio; got {', '.join(chosen)}.")
-        if not chosen:
-            object.__setattr__(self, "budget", 128)  # the paper's headline setting
         check_int("dart", "layer", self.layer, -10_000)
         if self.layer == 0:
             raise ValueError("dart: layer must be at least 1, since the pivots use layer K-1's keys; got 0.")
@@ -60,9 +57,7 @@ class DARTConfig(MethodConfig):
         check_int("dart", "pivot_text_tokens", self.pivot_text_tokens, 0)
         if self.pivot_image_tokens + self.pivot_text_tokens == 0:
             raise ValueError("dart: at least one pivot is needed (pivot_image_tokens + pivot_text_tokens >= 1).")
-        check_int("dart", "budget", self.budget, 0, optional=True)
-        check_int("dart", "keep", self.keep, self.pivot_image_tokens, optional=True)
-        check_fraction("dart", "keep_ratio", self.keep_ratio, optional=True)
+        check_budget(self, "dart", default={"budget": 128}, min_keep=self.pivot_image_tokens)  # 128: the headline
 
 
 @register_method
@@ -84,6 +79,7 @@ class DART(Method):
 
     def __init__(self, config: DARTConfig) -> None:
         super().__init__(config)
+        self.budget = Budget.of(config)
         self._key_norms: tuple[torch.Tensor, torch.Tensor] | None = None  # (norms, input positions)
 
     def bind(self, adapter) -> None:
@@ -120,15 +116,16 @@ class DART(Method):
         return self.config.budget // (self.config.pivot_image_tokens + self.config.pivot_text_tokens)
 
     def _targets(self, n_visual: torch.Tensor, n_image_pivots: torch.Tensor, n_pivots: torch.Tensor) -> torch.Tensor:
-        """``[B]`` visual tokens to keep, image pivots included, capped at the ``[B]`` visual tokens present."""
-        c = self.config
-        if c.budget is not None:
-            target = n_image_pivots + n_pivots * self._per_pivot()
-        elif c.keep is not None:
-            target = torch.full_like(n_visual, c.keep)
-        else:
-            target = torch.maximum(torch.floor(n_visual.double() * c.keep_ratio).long(), n_image_pivots)
-        return torch.minimum(target, n_visual)
+        """``[B]`` visual tokens to keep, image pivots included, capped at the ``[B]`` visual tokens present.
+
+        The paper's budget B gives each pivot ``B // (image + text pivots)`` picks, so the count depends on
+        how many pivots a row has; ``keep_ratio`` never keeps fewer than the image pivots.
+        """
+
+        def paper(n: torch.Tensor) -> torch.Tensor:
+            return n_image_pivots + n_pivots * self._per_pivot()
+
+        return self.budget.resolve(n_visual, paper=paper, at_least=n_image_pivots)
 
     def plan(self, visual_per_layer: list[int], text_tokens: int) -> list[int]:
         k = self.prune_layers(len(visual_per_layer))[0]

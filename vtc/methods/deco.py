@@ -20,7 +20,8 @@ from typing import Any, ClassVar
 import torch
 
 from vtc.config import MethodConfig, check_fraction, check_int
-from vtc.method import HookPoint, LayerContext, Method, StepContext, register_method, resolve_layer
+from vtc.method import HookPoint, LayerContext, Method, StepContext, register_method
+from vtc.methods.layers import resolve_layer
 
 # Official window: HF hidden_states 20..28 of 32-layer LLaVA-1.5, i.e. outputs of decoder layers 19..27.
 PAPER_FIRST, PAPER_LAST, PAPER_DEPTH = 19, 27, 32

@@ -20,25 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from vtc import kernels
-from vtc.config import MethodConfig, check_int, check_keep
+from vtc.budget import Budget, check_budget
+from vtc.config import MethodConfig, check_int
 from vtc.errors import UnknownMethodError
-from vtc.method import (
-    AttentionCall,
-    HookPoint,
-    LayerContext,
-    Method,
-    Selection,
-    padded_positions,
-    realign,
-    register_method,
-    resolve_layer,
-)
-from vtc.methods.mustdrop import grid_windows, merge_windows
+from vtc.method import AttentionCall, AttentionScoredPruner, HookPoint, LayerContext, Selection, register_method
+from vtc.methods.attention import text_after_image, visual_attention
+from vtc.methods.layers import resolve_layer
+from vtc.methods.windows import grid_windows, merge_windows
 from vtc.registry import Registry
 
 #: Samplers by name. A vision sampler maps (method, LayerContext) -> Selection at the LLM input; a text
@@ -51,8 +43,9 @@ class FocusLLaVAConfig(MethodConfig):
     """Settings of the training-free FocusLLaVA. ``keep`` or ``keep_ratio`` set the text-guided budget.
 
     Attributes:
-        keep: visual tokens the text-guided sampler keeps per row (default 192).
-        keep_ratio: the same as a fraction of each row's visual tokens at the input.
+        keep: visual tokens the text-guided sampler keeps per unit (default 192).
+        keep_ratio: the same as a fraction of each unit's visual tokens at the input.
+        budget_scope: the unit: ``"row"`` (a batch row) or ``"image"`` (each image of a row keeps its own).
         layer: the text-guided sampler reads this layer's attention and prunes its output.
         vision_sampler: registered vision-guided sampler, or None to skip the stage.
         text_sampler: registered text-guided sampler, or None to skip the stage.
@@ -65,6 +58,7 @@ class FocusLLaVAConfig(MethodConfig):
 
     keep: int | None = None
     keep_ratio: float | None = None
+    budget_scope: Literal["row", "image"] = "row"
     layer: int = 1
     vision_sampler: str | None = "redundancy"
     text_sampler: str | None = "attention"
@@ -74,7 +68,7 @@ class FocusLLaVAConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_keep(self, "focusllava", default_keep=192)
+        check_budget(self, "focusllava", default={"keep": 192})
         check_int("focusllava", "layer", self.layer, -10_000)
         if not -1.0 <= self.redundancy <= 1.0:
             raise ValueError(f"focusllava: redundancy is a cosine in [-1, 1]; got {self.redundancy!r}.")
@@ -110,27 +104,22 @@ def redundancy_sampler(method: FocusLLaVA, ctx: LayerContext) -> Selection:
 
 @SAMPLERS.decorator("attention")
 def attention_sampler(method: FocusLLaVA, call: AttentionCall) -> torch.Tensor:
-    """Training-free text-guided sampler: the instruction's mean attention to each visual token."""
-    state = call.state
-    visual = state.visual & state.valid
-    instruction = ~state.visual & state.valid & (visual.long().cumsum(dim=1) > 0)
-    rows, row_valid = padded_positions(instruction)
-    columns, col_valid = padded_positions(visual)
-    scores = torch.zeros(state.index.shape, dtype=torch.float32, device=columns.device)
-    if rows.shape[1] and columns.shape[1]:
-        attn = call.rows(rows, columns, row_valid=row_valid)  # [B, S]: mean over heads and instruction rows
-        scores.scatter_(1, columns, attn * col_valid)
-    return scores
+    """Training-free text-guided sampler: the instruction's mean attention to each visual token.
+
+    Without an instruction (or an image) anywhere in the batch every score is 0, so the top-k keeps the
+    first tokens and the stage still keeps its declared count.
+    """
+    scores = visual_attention(call, text_after_image(call.state))  # mean over heads and instruction rows
+    return scores if scores is not None else torch.zeros(call.state.index.shape, device=call.query.device)
 
 
 @register_method
-class FocusLLaVA(Method):
+class FocusLLaVA(AttentionScoredPruner):
     """FocusLLaVA, training-free: a vision-guided merge at the LLM input, a text-guided top-k after a layer."""
 
     name = "focusllava"
     config_cls = FocusLLaVAConfig
     hooks = frozenset({HookPoint.EMBEDS, HookPoint.LAYER, HookPoint.ATTENTION})
-    requires = frozenset({"attn_tap"})
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "r192": {"keep": 192},
         "r128": {"keep": 128},
@@ -149,12 +138,12 @@ class FocusLLaVA(Method):
                 f"focusllava: the samplers {config.vision_sampler!r} / {config.text_sampler!r} are training-free "
                 f"and take no weights; register trained samplers in vtc.methods.focusllava.SAMPLERS and name them."
             )
-        self._scores: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._initial_visual: torch.Tensor | None = None
+        self._initial: torch.Tensor | None = None  # [B, G] visual tokens of each budget unit at the input
 
     @property
     def fixed_counts(self) -> bool:  # type: ignore[override]
-        return self.vision is None  # redundancy merges depend on the input
+        # Redundancy merges depend on the input, and so do per-image counts.
+        return self.vision is None and self.budget.scope == "row"
 
     def text_layer(self, num_layers: int) -> int:
         layer = resolve_layer("focusllava", "layer", self.config.layer, num_layers)
@@ -166,43 +155,33 @@ class FocusLLaVA(Method):
         super().bind(adapter)
         self.text_layer(adapter.num_layers)
 
-    def prune_layers(self, num_layers: int) -> tuple[int, ...]:
-        text = (self.text_layer(num_layers) + 1,) if self.text else ()
-        return (0, *text)
-
-    def tap_layers(self, num_layers: int) -> tuple[int, ...]:
+    def scored_layers(self, num_layers: int) -> tuple[int, ...]:
         return (self.text_layer(num_layers),) if self.text else ()
 
-    def _targets(self, n_visual: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        if c.keep is not None:
-            return torch.full_like(n_visual, c.keep)
-        return torch.floor(n_visual.double() * c.keep_ratio).long()
+    def prune_layers(self, num_layers: int) -> tuple[int, ...]:
+        return (0, *super().prune_layers(num_layers))  # layer 0: the vision-guided stage
 
     def plan(self, visual_per_layer: list[int], text_tokens: int) -> list[int]:
         if self.vision is not None:
             raise ValueError("focusllava's vision-guided merges depend on the input; measure with handle.stats.")
+        if self.budget.scope != "row":
+            raise ValueError("focusllava: per-image counts depend on the images; measure them with handle.stats.")
         if self.text is None:
             return list(visual_per_layer)
         k = self.text_layer(len(visual_per_layer)) + 1
-        kept = min(int(self._targets(torch.tensor([visual_per_layer[0]]))[0]), visual_per_layer[k])
+        kept = min(int(self.budget.resolve(torch.tensor([visual_per_layer[0]]))[0]), visual_per_layer[k])
         return visual_per_layer[:k] + [kept] * (len(visual_per_layer) - k)
 
-    def on_forward_start(self) -> None:
-        self._scores, self._initial_visual = None, None
+    def tap(self, call: AttentionCall) -> torch.Tensor:
+        return self.text(self, call)
 
-    def on_attention(self, call: AttentionCall) -> None:
-        self._scores = (self.text(self, call), call.state.index)
+    def num_keep(self, ctx: LayerContext, present: torch.Tensor) -> torch.Tensor:
+        # keep_ratio counts the visual tokens at the input, before the vision-guided merge.
+        return self.budget.resolve(self._initial[:, : present.shape[1]])
 
     def select(self, ctx: LayerContext) -> Selection | torch.Tensor | None:
-        state = ctx.state
         if ctx.layer_idx == 0:
-            self._initial_visual = (state.visual & state.valid).sum(dim=1)
+            state = ctx.state
+            self._initial = Budget.count(state.visual & state.valid, self.budget.units(state))
             return self.vision(self, ctx) if self.vision is not None else None
-        if self._scores is None:
-            return None
-        visual = state.visual & state.valid
-        scores = realign(*self._scores, state.index)
-        k = torch.minimum(self._targets(self._initial_visual), visual.sum(dim=1))
-        picks = kernels.topk_gather(scores, k, valid=visual)
-        return torch.zeros_like(visual).scatter(1, picks.indices, picks.mask) & visual
+        return super().select(ctx)

@@ -18,9 +18,10 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from vtc import kernels
-from vtc.config import MethodConfig, check_int, check_keep
-from vtc.method import AttentionCall, HookPoint, LayerContext, Method, Selection, register_method, resolve_layer
+from vtc.budget import check_budget
+from vtc.config import MethodConfig, check_int
+from vtc.method import AttentionCall, AttentionScoredPruner, HookPoint, LayerContext, Selection, register_method
+from vtc.methods.layers import resolve_layer
 
 # The paper filters at layer 13 of LLaMA-3.1-8B's 32; without a layer, vtc takes the same depth fraction.
 PAPER_DEPTH = 13 / 32
@@ -51,7 +52,7 @@ class GemFilterConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_keep(self, "gemfilter", default_keep=128)
+        check_budget(self, "gemfilter", default={"keep": 128})
         check_int("gemfilter", "layer", self.layer, -10_000, optional=True)
         check_int("gemfilter", "pool_kernel", self.pool_kernel, 1)
         if self.pool_kernel % 2 == 0:
@@ -62,15 +63,33 @@ class GemFilterConfig(MethodConfig):
             raise ValueError(f"gemfilter: positions must be 'fresh' or 'original'; got {self.positions!r}.")
 
 
+def last_query_scores(call: AttentionCall, pool_kernel: int) -> torch.Tensor:
+    """GemFilter's scores: the last query's raw logits against every key, summed over heads, pooled.
+
+    GQA-aware: each group of query heads meets its shared key head, which is what repeating the keys
+    gives. Padding scores 0, like the zero padding a row alone gets at its start, so rows stay independent.
+
+    Returns:
+        fp32 ``[B, L]`` over the call's slots.
+    """
+    batch, kv_heads, length, dim = call.key.shape
+    q_last = call.query[:, :, -1].float().view(batch, kv_heads, -1, dim)  # [B, Hq, D] -> [B, Hkv, group, D]
+    logits = torch.einsum("bhgd,bhld->bl", q_last, call.key[:, :, -length:].float())  # [B, L]
+    logits = logits.masked_fill(~call.state.valid, 0.0)
+    pooled = torch.nn.functional.avg_pool1d(
+        logits[:, None], pool_kernel, stride=1, padding=pool_kernel // 2, count_include_pad=True
+    )  # [B, 1, L]
+    return pooled[:, 0]
+
+
 @register_method
-class GemFilter(Method):
+class GemFilter(AttentionScoredPruner):
     """GemFilter as a pre-pass to layer r and a stage at the embeddings (EMBEDS) of the real forward."""
 
     name = "gemfilter"
     config_cls = GemFilterConfig
     # Both passes run inside the prefill, so generate (and any decoding method) works unchanged.
     hooks = frozenset({HookPoint.EMBEDS, HookPoint.ATTENTION})
-    requires = frozenset({"attn_tap"})
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "r192": {"keep": 192},
         "r128": {"keep": 128},
@@ -80,10 +99,6 @@ class GemFilter(Method):
 
     config: GemFilterConfig
 
-    def __init__(self, config: GemFilterConfig) -> None:
-        super().__init__(config)
-        self._scores: torch.Tensor | None = None
-
     def bind(self, adapter) -> None:
         super().bind(adapter)
         self.filter_layer(adapter.num_layers)  # validates the layer against this model
@@ -92,65 +107,46 @@ class GemFilter(Method):
         layer = self.config.layer if self.config.layer is not None else round(PAPER_DEPTH * num_layers)
         return resolve_layer("gemfilter", "layer", layer, num_layers)
 
-    @property
-    def _keeps_everything(self) -> bool:
-        """keep_ratio 1.0 can never drop a token: skip the pre-pass instead of paying for it."""
-        return self.config.keep_ratio == 1.0
-
+    # The pre-pass taps layer r and the stage prunes the real forward's input; keep_ratio 1.0 can never
+    # drop a token, so nothing runs then (not even the pre-pass).
     def prune_layers(self, num_layers: int) -> tuple[int, ...]:
-        return () if self._keeps_everything else (0,)
+        return () if self.budget.keeps_everything else (0,)
 
     def tap_layers(self, num_layers: int) -> tuple[int, ...]:
-        return () if self._keeps_everything else (self.filter_layer(num_layers),)
+        return () if self.budget.keeps_everything else (self.filter_layer(num_layers),)
 
     def prepass_layer(self, num_layers: int) -> int | None:
-        return None if self._keeps_everything else self.filter_layer(num_layers)
+        return None if self.budget.keeps_everything else self.filter_layer(num_layers)
 
-    def on_forward_start(self) -> None:
-        self._scores = None
+    def tapped_for(self, layer_idx: int) -> int:
+        return self.filter_layer(self.adapter.num_layers)
 
-    def on_attention(self, call: AttentionCall) -> None:
-        # Raw logits of the last token's query against every key, summed over query heads (GQA-aware:
-        # each group of query heads meets its shared key head, which is what repeating the keys gives).
-        batch, kv_heads, length, dim = call.key.shape
-        q_last = call.query[:, :, -1].float().view(batch, kv_heads, -1, dim)  # [B, Hkv, group, D]
-        logits = torch.einsum("bhgd,bhld->bl", q_last, call.key[:, :, -length:].float())  # [B, L]
-        valid = call.state.valid
-        # Padding scores 0, like the zero padding a row alone gets at its start: rows stay independent.
-        logits = logits.masked_fill(~valid, 0.0)
-        k = self.config.pool_kernel
-        pooled = torch.nn.functional.avg_pool1d(logits[:, None], k, stride=1, padding=k // 2, count_include_pad=True)
-        self._scores = pooled[:, 0]
-
-    def _targets(self, n_visual: torch.Tensor) -> torch.Tensor:
-        """``[B]`` visual tokens' worth to keep, capped at the visual tokens present."""
-        c = self.config
-        if c.keep is not None:
-            return torch.clamp(n_visual, max=c.keep)
-        return torch.floor(n_visual.double() * c.keep_ratio).long()
+    def tap(self, call: AttentionCall) -> torch.Tensor:
+        return last_query_scores(call, self.config.pool_kernel)
 
     def plan(self, visual_per_layer: list[int], text_tokens: int) -> list[int]:
-        kept = int(self._targets(torch.tensor([visual_per_layer[0]]))[0])
+        kept = int(self.budget.resolve(torch.tensor([visual_per_layer[0]]))[0])
         return [kept] * len(visual_per_layer)  # scope "all" drops as many tokens, from anywhere
 
-    def select(self, ctx: LayerContext) -> Selection:
+    # -- the stage: the template's top-k, with the whole prompt competing in scope "all" ------------------
+    def candidates(self, ctx: LayerContext) -> torch.Tensor:
         state = ctx.state
-        if self._scores is None or self._scores.shape != state.index.shape:
-            raise RuntimeError("gemfilter: the pre-pass did not report layer r's attention in this forward.")
-        visual = state.visual & state.valid
-        n_visual = visual.sum(dim=1)
-        drop = n_visual - self._targets(n_visual)  # [B]
-        scores = self._scores
-        if self.config.scope == "visual":
-            candidates, k = visual, n_visual - drop
-        else:
-            candidates = state.valid
-            k = state.valid.sum(dim=1) - drop
-            last = torch.zeros_like(candidates)
-            last[:, -1] = True  # the prompt's last token predicts the next one: it always stays
-            scores = scores.masked_fill(last, float("inf"))
-        picks = kernels.topk_gather(scores, k, valid=candidates)
-        keep = torch.zeros_like(candidates).scatter(1, picks.indices, picks.mask)
+        return state.visual & state.valid if self.config.scope == "visual" else state.valid
+
+    def num_keep(self, ctx: LayerContext, present: torch.Tensor) -> torch.Tensor:
+        # A row drops as many tokens as its visual budget removes, from whatever competes.
+        n_visual = ctx.state.num_visual()  # [B]
+        drop = n_visual - self.budget.resolve(n_visual)
+        return present - drop[:, None]  # [B, 1]
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        scores = super().score(ctx)
+        if self.config.scope == "all":  # the prompt's last token predicts the next one: it always stays
+            scores = scores.clone()
+            scores[:, -1] = float("inf")
+        return scores
+
+    def finish(self, ctx: LayerContext, scores: torch.Tensor, keep: torch.Tensor) -> Selection:
         if self.config.scope == "all":
-            keep |= ~state.valid  # padding stays padding
+            keep = keep | ~ctx.state.valid  # padding stays padding
         return Selection(keep, scope=self.config.scope, positions=self.config.positions)

@@ -1,20 +1,23 @@
 """Random pruning: the baseline that scoring methods have to beat (DART's paper reports it beside DART).
 
 At the input of one decoder layer (default 2, DART's K) it keeps a seeded random subset of each row's visual
-tokens. The subset is a fixed function of the seed and each token's ordinal among its row's visual tokens
-(an integer hash), so it does not depend on the batch, the padding or the device: a row of a padded batch
-keeps the same tokens as that row alone, and every run of a seed keeps the same tokens.
+tokens (or of each image's, with ``budget_scope="image"``). The subset is a fixed function of the seed and
+each token's ordinal among its row's visual tokens (an integer hash), so it does not depend on the batch,
+the padding or the device: a row of a padded batch keeps the same tokens as that row alone, and every run
+of a seed keeps the same tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from vtc.config import MethodConfig, check_int, check_keep
-from vtc.method import LayerContext, ScoringPruner, register_method, resolve_layer
+from vtc.budget import check_budget
+from vtc.config import MethodConfig, check_int
+from vtc.method import LayerContext, ScoringPruner, register_method
+from vtc.methods.layers import resolve_layer
 
 _MASK32 = 0xFFFFFFFF
 
@@ -33,8 +36,9 @@ class RandomConfig(MethodConfig):
 
     Attributes:
         layer: decoder layer whose input is pruned (0 prunes the embeddings).
-        keep: visual tokens kept per row (all of them when a row has fewer).
-        keep_ratio: fraction of each row's visual tokens kept (rounded down).
+        keep: visual tokens kept per unit (all of them when a unit has fewer).
+        keep_ratio: fraction of each unit's visual tokens kept (rounded down).
+        budget_scope: the unit: ``"row"`` (a batch row) or ``"image"`` (each image of a row keeps its own).
         seed: picks the subset; the same seed keeps the same tokens.
     """
 
@@ -43,11 +47,12 @@ class RandomConfig(MethodConfig):
     layer: int = 2
     keep: int | None = None
     keep_ratio: float | None = None
+    budget_scope: Literal["row", "image"] = "row"
     seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_keep(self, "random", default_keep=128)
+        check_budget(self, "random", default={"keep": 128})
         check_int("random", "layer", self.layer, -10_000)
         check_int("random", "seed", self.seed, 0)
 
@@ -71,13 +76,12 @@ class Random(ScoringPruner):
         super().bind(adapter)
         self.prune_layers(adapter.num_layers)  # validates the layer against this model
 
+    @property
+    def fixed_counts(self) -> bool:  # type: ignore[override]
+        return self.budget.scope == "row"  # per image, the counts depend on the images of each row
+
     def prune_layers(self, num_layers: int) -> tuple[int, ...]:
         return (resolve_layer("random", "layer", self.config.layer, num_layers),)
-
-    def num_keep(self, n_visual: torch.Tensor) -> torch.Tensor:
-        if self.config.keep is not None:
-            return torch.full_like(n_visual, self.config.keep).clamp(max=n_visual)
-        return torch.floor(n_visual.double() * self.config.keep_ratio).long()
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         state = ctx.state
@@ -86,6 +90,8 @@ class Random(ScoringPruner):
         return token_hash(ordinal, self.config.seed).double()  # exact in float64: values < 2**32
 
     def plan(self, visual_per_layer: list[int], text_tokens: int) -> list[int]:
+        if self.budget.scope != "row":
+            raise ValueError("random: per-image counts depend on the images; measure them with handle.stats.")
         k = self.prune_layers(len(visual_per_layer))[0]
-        kept = int(self.num_keep(torch.tensor([visual_per_layer[k]]))[0])
+        kept = int(self.budget.resolve(torch.tensor([visual_per_layer[k]]))[0])
         return visual_per_layer[:k] + [kept] * (len(visual_per_layer) - k)
