@@ -17,6 +17,7 @@ from conftest import batch_for, forward_inputs, generate, hook_ids, tiny
 import vtc
 from vtc import surface
 from vtc.adapters import ADAPTERS
+from vtc.engine import attention
 from vtc.flops import planned_counts
 from vtc.method import get_method
 
@@ -175,8 +176,6 @@ def test_no_eager_attention_matrix_is_formed(family, spec, monkeypatch):
     """
     import sys
 
-    from vtc.adapters import base
-
     model = tiny(family)
     inputs, _ = batch_for(model, family)
 
@@ -186,13 +185,13 @@ def test_no_eager_attention_matrix_is_formed(family, spec, monkeypatch):
     modules = {sys.modules[type(m).__module__] for m in model.modules()}
     for module in [m for m in modules if hasattr(m, "eager_attention_forward")]:
         monkeypatch.setattr(module, "eager_attention_forward", refuse)
-    edited, vtc_eager = [], base._edited_attention
+    edited, vtc_eager = [], attention.edited_attention
 
     def watch(module, *args, **kwargs):
         edited.append(module)
         return vtc_eager(module, *args, **kwargs)
 
-    monkeypatch.setattr(base, "_edited_attention", watch)
+    monkeypatch.setattr(attention, "edited_attention", watch)
     with pytest.raises(AssertionError, match="eager"), torch.no_grad():  # the guard does catch eager attention
         tiny(family, attn="eager")(**inputs)
     with vtc.apply(model, spec) as handle, torch.no_grad():

@@ -186,9 +186,9 @@ class MustDrop(AttentionScoredPruner):
         state = ctx.state
         tower_keys, tower_gone, self._tower_keys, self._tower_gone = self._tower_keys, self._tower_gone, None, None
         if self.use_key_set and tower_keys is not None:
-            self._keys = tower_to_llm(tower_keys, state)
+            self._keys = tower_to_llm(tower_keys, state, self.adapter.vision_has_cls)
         if self.merge_at == "embeddings":
             return merge_grids(ctx, self.config.merge_window, self.config.merge_threshold)
         if self.merge_at == "tower" and tower_gone is not None:
-            return Selection(state.visual & state.valid & ~tower_to_llm(tower_gone, state))
+            return Selection(state.visual & state.valid & ~tower_to_llm(tower_gone, state, self.adapter.vision_has_cls))
         return None

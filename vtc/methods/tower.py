@@ -84,27 +84,34 @@ def cls_key_set(call: AttentionCall, ratio: float) -> torch.Tensor:
     return keep_top_k(scores, k, patches)[:, 1:]
 
 
-def tower_to_llm(tower: torch.Tensor, state: VisualTokenState) -> torch.Tensor:
-    """Per-patch values of all images in the batch, onto the LLM's visual tokens (row-major order).
+def tower_to_llm(tower: torch.Tensor, state: VisualTokenState, has_cls: bool) -> torch.Tensor:
+    """Per-patch values of all images in the batch, onto the LLM's visual tokens, by the visual layout.
 
-    Assumes one LLM placeholder per tower patch, images in batch order and patches in raster order (the
-    CLS token already dropped): true for LLaVA-1.5-style towers. A visual layout from the engine, mapping
-    tower tokens to LLM tokens, is to replace this assumption.
+    Each LLM visual token reads the value of the tower patch it stands for (``VisualLayout.tower``), in
+    the image it belongs to (``item``), so the map holds whatever the order of images and tokens.
 
     Args:
-        tower: ``[N images, patches]`` per-patch values.
+        tower: ``[N images, patches]`` per-patch values (CLS excluded).
         state: the LLM input's token state.
+        has_cls: the tower puts a CLS token at position 0 (its patches start at 1).
 
     Returns:
         ``[B, L]`` the values at the LLM's visual slots, false elsewhere.
     """
     visual = state.visual & state.valid
-    if int(visual.sum()) != tower.numel():
+    if state.layout is None:
+        raise ValueError("mustdrop: this model family reports no visual layout; use merge='embeddings', key_set=False.")
+    item = state.layout.field("item")
+    patch = state.layout.tower[..., 0] - int(has_cls)  # [B, L] position among the image's patches
+    on = visual & (item >= 0) & (patch >= 0)
+    if int(visual.sum()) != int(on.sum()) or (bool(on.any()) and (
+        int(item[on].max()) >= tower.shape[0] or int(patch[on].max()) >= tower.shape[1]
+    )):  # fmt: skip
         raise ValueError(
-            f"mustdrop: the vision tower saw {tower.numel()} patches but the prompt has {int(visual.sum())} "
-            f"image tokens; merge='tower' and the key set need one placeholder per patch (batch the images "
-            f"with their prompts; beam search is not supported with merge='tower')."
+            f"mustdrop: the vision tower saw {tower.shape[0]} images of {tower.shape[1]} patches, which do not "
+            f"cover the prompt's {int(visual.sum())} image tokens; merge='tower' and the key set need the "
+            f"images batched with their prompts (beam search is not supported with merge='tower')."
         )
     out = torch.zeros_like(visual)
-    out[visual] = tower.flatten().to(out.device)
+    out[on] = tower.to(out.device)[item[on], patch[on]]
     return out
