@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vtc.eval import scoring as S  # noqa: N812
+from vtc.eval.vqa_normalize import normalize_vqa_answer
 
 
 # -- VQA -------------------------------------------------------------------------------------------
@@ -25,7 +26,7 @@ from vtc.eval import scoring as S  # noqa: N812
     ],
 )
 def test_vqa_normalisation(raw: str, norm: str) -> None:
-    assert S.normalize_vqa_answer(raw) == norm
+    assert normalize_vqa_answer(raw) == norm
 
 
 def test_vqa_accuracy_leave_one_out() -> None:
