@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vtc.eval import choices
+from vtc.eval import chair, choices
 from vtc.eval import scoring as S  # noqa: N812
 from vtc.eval.vqa_normalize import normalize_vqa_answer
 
@@ -158,9 +158,9 @@ def test_seed_and_mvbench() -> None:
 def test_chair() -> None:
     descs = ["A red circle and a blue square.", "Two green stars.", "Nothing here."]
     objects = [["red circle", "green square"], ["green star"], ["red cross"]]
-    c = S.chair(descs, objects)
+    c = chair.chair(descs, objects)
     # mentions: red circle ok, blue square bad, green stars ok -> CHAIR_i 1/3; one of three descriptions bad
     assert c["chair_i"] == pytest.approx(1 / 3)
     assert c["chair_s"] == pytest.approx(1 / 3)
-    assert S.shape_mentions("a Diamond, crosses") == [(None, "diamond"), (None, "cross")]
-    assert S.chair([], []) == {"chair_i": 0.0, "chair_s": 0.0, "mentions": 0.0}
+    assert chair.shape_mentions("a Diamond, crosses") == [(None, "diamond"), (None, "cross")]
+    assert chair.chair([], []) == {"chair_i": 0.0, "chair_s": 0.0, "mentions": 0.0}

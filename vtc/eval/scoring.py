@@ -18,12 +18,12 @@ gives numbers that no longer compare:
 * Multiple choice: MMBench's circular evaluation and MVBench's rule, over the letters that
   :mod:`vtc.eval.choices` reads from the answers (MMBench's own ``can_infer``, SEED's first character,
   Video-MME's ranked letter extraction).
-* CHAIR (ShapesQA descriptions): CHAIR_i and CHAIR_s over shape mentions.
+
+CHAIR over ShapesQA's descriptions is in :mod:`vtc.eval.chair`.
 """
 
 from __future__ import annotations
 
-import re
 import string
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -207,43 +207,6 @@ def mmbench_accuracy(records: Iterable[Mapping]) -> dict[str, float]:
 def mvbench_match(prediction: str, letter: str) -> float:
     """MVBench score of one answer against the correct letter."""
     return float(mvbench_letter(prediction) == mvbench_letter(letter))
-
-
-# -- CHAIR for ShapesQA descriptions --------------------------------------------------------------------
-SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
-COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
-_MENTION = re.compile(rf"\b(?:({'|'.join(COLORS)})\s+)?({'|'.join(SHAPES)})(?:e?s)?\b", re.IGNORECASE)
-
-
-def shape_mentions(text: str) -> list[tuple[str | None, str]]:
-    """Shape instances a description mentions, as (colour or None, shape); plurals count once."""
-    return [(c.lower() if c else None, s.lower()) for c, s in _MENTION.findall(text)]
-
-
-def chair(descriptions: Sequence[str], objects: Sequence[Sequence[str]]) -> dict[str, float]:
-    """CHAIR_i and CHAIR_s of descriptions against the objects present ("<color> <shape>" strings).
-
-    A mention is hallucinated when no present object has its shape (and its colour, when one is named).
-    CHAIR_i = hallucinated mentions / all mentions; CHAIR_s = descriptions with any hallucinated mention
-    / all descriptions. A description that mentions nothing counts as clean.
-    """
-    if len(descriptions) != len(objects):
-        raise ValueError(f"{len(descriptions)} descriptions for {len(objects)} object lists.")
-    mentioned = bad = bad_desc = 0
-    for text, present in zip(descriptions, objects, strict=True):
-        have = [tuple(o.lower().split()[-2:]) if " " in o else (None, o.lower()) for o in present]
-        flagged = False
-        for color, shape in shape_mentions(text):
-            mentioned += 1
-            if not any(s == shape and (color is None or c == color) for c, s in have):
-                bad += 1
-                flagged = True
-        bad_desc += flagged
-    return {
-        "chair_i": bad / mentioned if mentioned else 0.0,
-        "chair_s": bad_desc / len(descriptions) if descriptions else 0.0,
-        "mentions": float(mentioned),
-    }
 
 
 def mean(values: Iterable[float]) -> float:
