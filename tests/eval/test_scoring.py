@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from vtc.eval import chair, choices
 from vtc.eval import scoring as S  # noqa: N812
+from vtc.eval.vqa_normalize import normalize_vqa_answer
 
 
 # -- VQA -------------------------------------------------------------------------------------------
@@ -25,7 +27,7 @@ from vtc.eval import scoring as S  # noqa: N812
     ],
 )
 def test_vqa_normalisation(raw: str, norm: str) -> None:
-    assert S.normalize_vqa_answer(raw) == norm
+    assert normalize_vqa_answer(raw) == norm
 
 
 def test_vqa_accuracy_leave_one_out() -> None:
@@ -118,12 +120,12 @@ def test_mme_scores_acc_plus() -> None:
 # -- multiple choice -------------------------------------------------------------------------------
 def test_mmbench_infer() -> None:
     opts = {"A": "cat", "B": "dog", "C": "red apple"}
-    assert S.mmbench_infer("B", opts) == "B"
-    assert S.mmbench_infer("(C)", opts) == "C"
-    assert S.mmbench_infer("The answer is B.", opts) == "B"
-    assert S.mmbench_infer("a red apple", opts) == "C"  # option text instead of a letter
-    assert S.mmbench_infer("a cat or a dog", opts) is None  # two options named: not inferable
-    assert S.mmbench_infer("", opts) is None
+    assert choices.mmbench_infer("B", opts) == "B"
+    assert choices.mmbench_infer("(C)", opts) == "C"
+    assert choices.mmbench_infer("The answer is B.", opts) == "B"
+    assert choices.mmbench_infer("a red apple", opts) == "C"  # option text instead of a letter
+    assert choices.mmbench_infer("a cat or a dog", opts) is None  # two options named: not inferable
+    assert choices.mmbench_infer("", opts) is None
 
 
 def test_mmbench_circular() -> None:
@@ -141,12 +143,12 @@ def test_mmbench_circular() -> None:
     [("B", "B"), ("(C) a dog", "C"), ("The answer is D.", "D"), ("A.", "A"), ("", ""), ("none of them", "")],
 )
 def test_extract_choice(text: str, letter: str) -> None:
-    assert S.extract_choice(text, "ABCD") == letter
+    assert choices.extract_choice(text, "ABCD") == letter
 
 
 def test_seed_and_mvbench() -> None:
-    assert S.seed_letter(" C. a car") == "C"
-    assert S.seed_letter("") == ""
+    assert choices.seed_letter(" C. a car") == "C"
+    assert choices.seed_letter("") == ""
     assert S.mvbench_match("(B) running", "B") == 1.0
     assert S.mvbench_match("B. running", "B") == 1.0
     assert S.mvbench_match("running", "B") == 0.0
@@ -156,9 +158,9 @@ def test_seed_and_mvbench() -> None:
 def test_chair() -> None:
     descs = ["A red circle and a blue square.", "Two green stars.", "Nothing here."]
     objects = [["red circle", "green square"], ["green star"], ["red cross"]]
-    c = S.chair(descs, objects)
+    c = chair.chair(descs, objects)
     # mentions: red circle ok, blue square bad, green stars ok -> CHAIR_i 1/3; one of three descriptions bad
     assert c["chair_i"] == pytest.approx(1 / 3)
     assert c["chair_s"] == pytest.approx(1 / 3)
-    assert S.shape_mentions("a Diamond, crosses") == [(None, "diamond"), (None, "cross")]
-    assert S.chair([], []) == {"chair_i": 0.0, "chair_s": 0.0, "mentions": 0.0}
+    assert chair.shape_mentions("a Diamond, crosses") == [(None, "diamond"), (None, "cross")]
+    assert chair.chair([], []) == {"chair_i": 0.0, "chair_s": 0.0, "mentions": 0.0}

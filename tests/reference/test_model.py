@@ -13,7 +13,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from vtc.eval import shapesqa
 from vtc.reference import evaluate
 from vtc.reference import model as reference
-from vtc.reference.train import answer_loss, coverage, named_objects, tower_loss, training_batch
+from vtc.reference.targets import coverage, named_objects
+from vtc.reference.train import answer_loss, tower_loss, training_batch
 from vtc.reference.train import main as train_main
 
 

@@ -4,9 +4,10 @@ Every function here reproduces a published definition, quirks included, because 
 gives numbers that no longer compare:
 
 * VQA accuracy (VQAv2, TextVQA): the official VQA normalisation (punctuation, number words, articles,
-  contractions) and the leave-one-annotator-out average of ``min(1, matches / 3)``. VQAv2 normalises
-  as lmms-eval's ``vqav2`` task does (punctuation and digits/articles only), TextVQA as its ``textvqa``
-  task does (the full EvalAI processor, which also lower-cases and drops commas and question marks).
+  contractions; :mod:`vtc.eval.vqa_normalize`) and the leave-one-annotator-out average of
+  ``min(1, matches / 3)``. VQAv2 normalises as lmms-eval's ``vqav2`` task does (punctuation and
+  digits/articles only), TextVQA as its ``textvqa`` task does (the full EvalAI processor, which also
+  lower-cases and drops commas and question marks).
 * GQA, ScienceQA: exact match ignoring case and punctuation (lmms-eval's ``exact_match``), and for
   ScienceQA LLaVA's rule that "B. text" counts as "B".
 * POPE: accuracy, precision, recall and F1 of "yes" as the positive class. ``yes_ratio`` is the share
@@ -14,112 +15,24 @@ gives numbers that no longer compare:
   truth* "yes" under that name, kept here as ``gt_yes_ratio``.
 * MME: per category the mean over images of acc + acc+ (both questions of an image right), x100,
   summed over the perception and the cognition categories.
-* Multiple choice: MMBench's own ``can_infer`` (a lone option letter, then a unique option text) with
-  circular evaluation, SEED's first character, Video-MME's ranked letter extraction, MVBench's rule.
-* CHAIR (ShapesQA descriptions): CHAIR_i and CHAIR_s over shape mentions.
+* Multiple choice: MMBench's circular evaluation and MVBench's rule, over the letters that
+  :mod:`vtc.eval.choices` reads from the answers (MMBench's own ``can_infer``, SEED's first character,
+  Video-MME's ranked letter extraction).
+
+CHAIR over ShapesQA's descriptions is in :mod:`vtc.eval.chair`.
 """
 
 from __future__ import annotations
 
-import re
 import string
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
-# -- VQA answer normalisation ----------------------------------------------------------------------
-# The official VQA evaluation maps contractions written without (some of) their apostrophes back to
-# the canonical form. Its table follows one rule, generated below: a one-apostrophe contraction is also
-# written without it ("dont"), a two-apostrophe one with either apostrophe missing ("couldnt've").
-_CANONICAL_CONTRACTIONS = tuple(
-    " ".join(
-        (
-            "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't",
-            "haven't he'd he'd've he's how'd how'll how's I'd've I'm I've isn't it'd it'd've it'll ma'am",
-            "mightn't mightn't've might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't",
-            "she'd've should've shouldn't shouldn't've somebody'd've somebody'll somebody's someone'd",
-            "someone'd've someone'll someone's something'd something'd've something'll that's there'd there'd've",
-            "there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't",
-            "what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's who've",
-            "why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've",
-            "you'll you're you've",
-        )
-    ).split()
-)
+from vtc.eval.choices import extract_choice, mmbench_infer, mvbench_letter
+from vtc.eval.vqa_normalize import normalize_vqa_answer, vqa_digits_articles, vqa_punctuation
 
 
-def _contraction_table() -> dict[str, str]:
-    table: dict[str, str] = {}
-    for canon in _CANONICAL_CONTRACTIONS:
-        marks = [i for i, c in enumerate(canon) if c == "'"]
-        if len(marks) == 1:
-            table[canon.replace("'", "")] = canon
-        else:
-            for i in marks:
-                table[canon[:i] + canon[i + 1 :]] = canon
-    table["somebody'd"] = "somebodyd"  # sic: an entry of the official table, kept so scores match
-    return table
-
-
-CONTRACTIONS = _contraction_table()
-NUMBER_WORDS = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-    "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
-}  # fmt: skip
-ARTICLES = frozenset({"a", "an", "the"})
-VQA_PUNCTUATION = (
-    ";",
-    "/",
-    "[",
-    "]",
-    '"',
-    "{",
-    "}",
-    "(",
-    ")",
-    "=",
-    "+",
-    "\\",
-    "_",
-    "-",
-    ">",
-    "<",
-    "@",
-    "`",
-    ",",
-    "?",
-    "!",
-)
-# The official pattern reads "(?!<=\d)" (a typo for a look-behind); as written it only requires that
-# the period is not followed by a digit. Kept verbatim in meaning.
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
-# The official code passes re.UNICODE (= 32) as the *count* of period replacements; so do we.
-_PERIOD_COUNT = int(re.UNICODE)
-
-
-def vqa_punctuation(text: str) -> str:
-    """The official ``processPunctuation``: drop or space out punctuation, strip periods not before a digit."""
-    out = text
-    digit_comma = _COMMA_STRIP.search(text) is not None
-    for p in VQA_PUNCTUATION:
-        glued = not (p + " " in text or " " + p in text or digit_comma)
-        out = out.replace(p, " " if glued else "")
-    return _PERIOD_STRIP.sub("", out, count=_PERIOD_COUNT)
-
-
-def vqa_digits_articles(text: str) -> str:
-    """The official ``processDigitArticle``: lower-case, number words to digits, no articles, contractions."""
-    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
-
-
-def normalize_vqa_answer(text: str) -> str:
-    """The full EvalAI answer processor (lmms-eval's ``EvalAIAnswerProcessor()(text)``)."""
-    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return vqa_digits_articles(vqa_punctuation(text))
-
-
+# -- VQA accuracy ----------------------------------------------------------------------------------
 def vqa_accuracy(prediction: str, answers: Sequence[str], *, full_processor: bool = False) -> float:
     """VQA accuracy of one prediction against the annotators' answers (10 for VQAv2 and TextVQA).
 
@@ -265,85 +178,6 @@ def mme_scores(records: Iterable[Mapping[str, str]]) -> dict[str, float]:
 
 
 # -- multiple choice ----------------------------------------------------------------------------------
-def mmbench_infer_option(prediction: str, num_choices: int = 5) -> str | None:
-    """MMBench's ``can_infer_option``: a lone option letter among the words, bare or with punctuation."""
-    letters = string.ascii_uppercase[:num_choices]
-    words = [w.strip() for w in prediction.split()]
-
-    def count(prefix: str = "", suffix: str = "") -> int:
-        return sum(1 for c in letters if prefix + c + suffix in words)
-
-    # A lone "A" in a longer answer may be the article; MMBench then ignores bare letters.
-    if count() == 1 and not ("A" in words and len(words) > 3):
-        for c in letters:
-            if c in words:
-                return c
-    for pre, suf in (("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."),
-                     (":", ""), (":", ","), (":", "."), (":", ")"), (":", ").")):  # fmt: skip
-        if count(pre, suf) == 1:
-            for c in letters:
-                if pre + c + suf in words:
-                    return c
-    return None
-
-
-def mmbench_infer_text(prediction: str, options: Mapping[str, str]) -> str | None:
-    """MMBench's ``can_infer_text``: the one option whose text occurs in the (lower-cased) answer."""
-    text = prediction.lower()
-    hits = [k for k, v in options.items() if str(v).lower() in text]
-    return hits[0] if len(hits) == 1 else None
-
-
-def mmbench_infer(prediction: str, options: Mapping[str, str]) -> str | None:
-    """The option MMBench reads from an answer: a letter first, else the text of exactly one option."""
-    return mmbench_infer_option(prediction) or mmbench_infer_text(prediction, options)
-
-
-_MCQ_PHRASES = (
-    "the answer is", "answer is", "the correct answer is", "correct answer is", "the best answer is",
-    "best answer is", "the correct option is", "correct option is", "the best option is", "best option is",
-    "the choice is", "choice is", "the correct choice is", "correct choice is", "i choose", "i select", "i pick",
-    "my answer is", "my choice is", "答案是", "答案为", "选", "答えは", "옵션", "정답은", "답은", "답:",
-)  # fmt: skip
-_MCQ_PRIORITY = {"start": 10, "end": 9, "phrase": 7, "paren": 6, "period": 5, "colon": 4, "rparen": 3, "space": 2}
-
-
-def extract_choice(prediction: str, letters: Sequence[str] = "ABCDEFGH") -> str:
-    """lmms-eval's ranked letter extraction (Video-MME, MMBench's offline fallback); "" when none.
-
-    Candidates in several formats ("(B)", "B.", "B:", "B)", "B ", "the answer is B", a leading or
-    trailing lone letter) are ranked by format and, within a format, by the later position.
-    """
-    if not prediction or not prediction.strip():
-        return ""
-    text = prediction.strip()
-    for ch in ",.!?;:'\"":
-        text = text.strip(ch)
-    text = f" {text} "
-    cands: list[tuple[int, int, str]] = []  # (priority, position, letter)
-    for fmt, pattern in (("paren", "({})"), ("period", "{}."), ("colon", "{}:"), ("rparen", "{})"), ("space", "{} ")):
-        for c in letters:
-            if pattern.format(c) in text:
-                cands.append((_MCQ_PRIORITY[fmt], text.rfind(pattern.format(c)), c))
-    lower = text.lower()
-    for phrase in _MCQ_PHRASES:
-        at = lower.find(phrase)
-        if at != -1:
-            for c in letters:
-                pos = text.find(c, at + len(phrase))
-                if pos != -1:
-                    cands.append((_MCQ_PRIORITY["phrase"], pos, c))
-    core = text.strip()
-    for c in letters:
-        if core.startswith(c) and (len(core) == 1 or not core[1].isalpha()):
-            cands.append((_MCQ_PRIORITY["start"], 0, c))
-        if core.endswith(c) and (len(core) == 1 or not core[-2].isalpha()):
-            cands.append((_MCQ_PRIORITY["end"], len(text) - 1, c))
-    if not cands:
-        cands = [(0, text.rfind(c), c) for c in letters if c in text]
-    return max(cands)[2] if cands else ""
-
-
 def mmbench_accuracy(records: Iterable[Mapping]) -> dict[str, float]:
     """MMBench accuracy with circular evaluation, scored offline.
 
@@ -370,63 +204,9 @@ def mmbench_accuracy(records: Iterable[Mapping]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in hits.items()}
 
 
-def seed_letter(prediction: str) -> str:
-    """SEED-Bench (lmms-eval): the first character of the stripped answer."""
-    pred = prediction.strip()
-    return pred[0] if pred else ""
-
-
-def mvbench_letter(text: str) -> str:
-    """MVBench's reading of an answer: "B. ..." -> "B", else a standalone A-E letter, else the cleaned text."""
-    m = re.match(r"^([A-E])\.\s*(.+)$", text.strip(), re.IGNORECASE)
-    if m:
-        return m.group(1).upper()
-    text = vqa_punctuation(text.replace("\n", " ").replace("\t", " ").strip())
-    text = text.strip("'").strip('"').strip(")").strip("(").strip().lower()
-    m = re.search(r"\b([A-E])\b", text, re.IGNORECASE)
-    return m.group(1).upper() if m else text
-
-
 def mvbench_match(prediction: str, letter: str) -> float:
     """MVBench score of one answer against the correct letter."""
     return float(mvbench_letter(prediction) == mvbench_letter(letter))
-
-
-# -- CHAIR for ShapesQA descriptions --------------------------------------------------------------------
-SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
-COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
-_MENTION = re.compile(rf"\b(?:({'|'.join(COLORS)})\s+)?({'|'.join(SHAPES)})(?:e?s)?\b", re.IGNORECASE)
-
-
-def shape_mentions(text: str) -> list[tuple[str | None, str]]:
-    """Shape instances a description mentions, as (colour or None, shape); plurals count once."""
-    return [(c.lower() if c else None, s.lower()) for c, s in _MENTION.findall(text)]
-
-
-def chair(descriptions: Sequence[str], objects: Sequence[Sequence[str]]) -> dict[str, float]:
-    """CHAIR_i and CHAIR_s of descriptions against the objects present ("<color> <shape>" strings).
-
-    A mention is hallucinated when no present object has its shape (and its colour, when one is named).
-    CHAIR_i = hallucinated mentions / all mentions; CHAIR_s = descriptions with any hallucinated mention
-    / all descriptions. A description that mentions nothing counts as clean.
-    """
-    if len(descriptions) != len(objects):
-        raise ValueError(f"{len(descriptions)} descriptions for {len(objects)} object lists.")
-    mentioned = bad = bad_desc = 0
-    for text, present in zip(descriptions, objects, strict=True):
-        have = [tuple(o.lower().split()[-2:]) if " " in o else (None, o.lower()) for o in present]
-        flagged = False
-        for color, shape in shape_mentions(text):
-            mentioned += 1
-            if not any(s == shape and (color is None or c == color) for c, s in have):
-                bad += 1
-                flagged = True
-        bad_desc += flagged
-    return {
-        "chair_i": bad / mentioned if mentioned else 0.0,
-        "chair_s": bad_desc / len(descriptions) if descriptions else 0.0,
-        "mentions": float(mentioned),
-    }
 
 
 def mean(values: Iterable[float]) -> float:

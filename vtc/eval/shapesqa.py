@@ -345,10 +345,10 @@ def normalize(text: str) -> str:
 def mentioned_objects(text: str) -> list[str]:
     """The objects a description names, as ``"<color> <shape>"`` (``"? <shape>"`` without a colour).
 
-    The same mentions CHAIR counts (:func:`vtc.eval.scoring.shape_mentions`), so a description is judged
+    The same mentions CHAIR counts (:func:`vtc.eval.chair.shape_mentions`), so a description is judged
     correct and scored for hallucination by one parser.
     """
-    from vtc.eval.scoring import shape_mentions
+    from vtc.eval.chair import shape_mentions
 
     return [f"{color or '?'} {shape}" for color, shape in shape_mentions(text)]
 
@@ -367,9 +367,9 @@ def score(rows: list[dict], predictions: list[str]) -> dict[str, float]:
     ``acc_describe`` (exactly the scene's objects named) and CHAIR.
 
     ``pope_*`` are :func:`vtc.eval.scoring.pope_metrics` of the ``exist`` rows (lower-cased exact yes / no);
-    ``chair_i`` / ``chair_s`` are :func:`vtc.eval.scoring.chair` of the descriptions.
+    ``chair_i`` / ``chair_s`` are :func:`vtc.eval.chair.chair` of the descriptions.
     """
-    from vtc.eval import scoring
+    from vtc.eval import chair, scoring
 
     if len(rows) != len(predictions):
         raise ValueError(f"{len(rows)} rows but {len(predictions)} predictions; score needs one prediction per row.")
@@ -387,6 +387,6 @@ def score(rows: list[dict], predictions: list[str]) -> dict[str, float]:
         )
     described = [(p, r["objects"]) for r, p in zip(rows, predictions, strict=True) if r["type"] == "describe"]
     if described:
-        chair = scoring.chair([p for p, _ in described], [o for _, o in described])
-        result.update(chair_i=chair["chair_i"], chair_s=chair["chair_s"])
+        hallucination = chair.chair([p for p, _ in described], [o for _, o in described])
+        result.update(chair_i=hallucination["chair_i"], chair_s=hallucination["chair_s"])
     return result

@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from vtc.eval import scoring
+from vtc.eval import choices, scoring
 from vtc.registry import Registry
 
 SHORT = "\nAnswer the question using a single word or phrase."
@@ -261,7 +261,7 @@ def _seed_text(doc: Doc) -> str:
 def _seed_score(records: Sequence[Record]) -> dict[str, float]:
     by: dict[str, list[float]] = defaultdict(list)
     for r in records:
-        ok = float(scoring.seed_letter(r["prediction"]).lower() == str(r["target"]).lower().strip())
+        ok = float(choices.seed_letter(r["prediction"]).lower() == str(r["target"]).lower().strip())
         by["accuracy"].append(ok)
         by[f"seed/{r.get('data_type', 'image')}"].append(ok)
     return {**{k: scoring.mean(v) for k, v in by.items()}, "n": float(len(records))}
@@ -286,7 +286,7 @@ register(
 def _videomme_score(records: Sequence[Record]) -> dict[str, float]:
     by: dict[str, list[float]] = defaultdict(list)
     for r in records:
-        ok = float(scoring.extract_choice(r["prediction"], "ABCD").lower() == str(r["target"]).lower())
+        ok = float(choices.extract_choice(r["prediction"], "ABCD").lower() == str(r["target"]).lower())
         by["accuracy"].append(ok)
         by[f"videomme/{r.get('duration', '')}"].append(ok)
     return {**{k: 100 * scoring.mean(v) for k, v in by.items()}, "n": float(len(records))}
