@@ -51,9 +51,9 @@ def test_masks_hide_only_unprotected_visual_tokens_and_token_one_is_vanilla(monk
         base = generate(model, inputs)
         with vtc.apply(model, "dropout_decoding", member_probs=(1.0,), q_min=1.0) as handle:
             masks = []
-            run = handle.adapter.run_extra
+            run = handle.session.run_extra
             spy = lambda **kw: masks.append(kw["attention_mask"]) or run(**kw)  # noqa: E731
-            monkeypatch.setattr(handle.adapter, "run_extra", spy)
+            monkeypatch.setattr(handle.session, "run_extra", spy)
             tokens = generate(model, inputs)
     assert torch.equal(tokens[:, 0], base[:, 0])  # the first token comes from the vanilla prefill
     assert len(masks) == 5
