@@ -128,16 +128,16 @@ class Budget:
         """
         if self.scope == "row":
             return torch.zeros_like(state.index)
-        if state.coords is None:
+        if state.layout is None:
             raise ValueError(
                 "a budget per image needs to know which image each visual token belongs to, and this model "
                 "family does not report it; use budget_scope='row'."
             )
-        image = state.coords[..., 0]  # [B, L, 4] -> [B, L]: the image index within the row, -1 off the grids
+        image = state.layout.field("media")  # [B, L]: the image (or video) index within the row, -1 for text
         if bool((state.visual & state.valid & (image < 0)).any()):
             raise ValueError(
-                "a budget per image needs the image of every visual token, and this model family reports some "
-                "without one (a CLS token kept by vision_feature_select_strategy='full'); use budget_scope='row'."
+                "a budget per image needs the image of every visual token, and the visual layout gives some "
+                "none; use budget_scope='row'."
             )
         return image.clamp(min=0)
 
