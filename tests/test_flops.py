@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import operator
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +17,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vtc
 from vtc.adapters import adapter_for
-from vtc.flops import KNOWN_DIMS, ModelDims, decode_flops, report_from_stats
+from vtc.flops import KNOWN_DIMS, FlopsReport, ModelDims, decode_flops, report_from_stats
+from vtc.measure import flops
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def counted(model, sample) -> dict[str, float]:
@@ -99,9 +108,43 @@ def test_report_from_a_run_sums_rows_and_keeps_dense_reference(family):
 
 
 def test_flops_errors_name_the_fix():
-    with pytest.raises(ValueError, match=r"llava-1\.5-7b"):
+    with pytest.raises(ValueError, match=r"llava-1\.5-7b") as error:
         vtc.flops("llava-1.5-7", "dart.r64")
+    for path in re.findall(r"vtc(?:\.\w+)+", str(error.value)):  # every name the message suggests exists
+        assert operator.attrgetter(path.removeprefix("vtc."))(vtc) is not None, path
     with pytest.raises(ValueError, match="visual_tokens"):
         vtc.flops("qwen2-vl-7b", "dart.r64")
     with pytest.raises(ValueError, match="formula"):
         KNOWN_DIMS["qwen2-vl-7b"].layer_macs(1, 1, "hardware")
+
+
+def test_vtc_flops_is_the_module_and_the_function():
+    """``vtc.flops`` is both: ``vtc.flops.ModelDims`` (the module) and ``vtc.flops(...)`` (the README)."""
+    import vtc.flops as module
+    from vtc import flops as imported
+
+    assert module is imported is vtc.flops is sys.modules["vtc.flops"]
+    assert vtc.flops.ModelDims is module.ModelDims is ModelDims
+    assert vtc.flops.KNOWN_DIMS["llava-1.5-7b"].hidden == 4096
+    called = vtc.flops("llava-1.5-7b", "dart.r128", text_tokens=64)
+    assert isinstance(called, FlopsReport)
+    assert called == flops("llava-1.5-7b", "dart.r128", text_tokens=64)
+    assert called.prefill < called.prefill_dense
+    dims = ModelDims("mha", 2, 64, 128, heads=4, kv_heads=4, head_dim=16, vocab=100)
+    assert vtc.flops(dims, visual_tokens=10, text_tokens=6).per_layer == (dims.layer_macs(16, 16),) * 2
+
+
+def test_import_vtc_flops_first_gives_the_callable_module():
+    """A fresh interpreter whose first line is ``import vtc.flops as m`` gets the module, callable."""
+    code = """
+import json
+import vtc.flops as m
+print(json.dumps({"dims": m.ModelDims.__name__, "known": "llava-1.5-7b" in m.KNOWN_DIMS,
+                  "ratio": m("llava-1.5-7b", "dart.r128").prefill_ratio, "file": m.__file__}))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["file"].startswith(str(REPO)), "the subprocess must import this checkout"
+    assert result["dims"] == "ModelDims" and result["known"]
+    assert result["ratio"] == vtc.flops("llava-1.5-7b", "dart.r128").prefill_ratio

@@ -11,6 +11,7 @@ Wrap a loaded model with one call; stock ``forward`` and ``generate`` then run w
 Importing vtc patches nothing and imports no triton.
 """
 
+from vtc import flops
 from vtc.api import Handle, apply, list_adapters, list_methods, wrap
 from vtc.config import MethodConfig, resolve
 from vtc.errors import (
@@ -21,7 +22,13 @@ from vtc.errors import (
     UnsupportedTransformersError,
     VTCError,
 )
-from vtc.flops import FlopsReport, ModelDims, flops
+from vtc.flops import FlopsReport, ModelDims
+from vtc.measure import FlopsModule
+
+# ``vtc.flops`` is the module (``vtc.flops.ModelDims``, ``import vtc.flops``) and also the FLOPs function
+# (``vtc.flops("llava-1.5-7b", "dart.r128")``): the module gets a callable class here, in the API layer,
+# because the function resolves specs and adapters, which the core module must not import.
+flops.__class__ = FlopsModule
 
 __version__ = "0.1.0"
 

@@ -65,9 +65,9 @@ def append_rows(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) ->
 
 # -- vtc flops -----------------------------------------------------------------------------------------
 def cmd_flops(args: argparse.Namespace) -> int:
-    import vtc
+    from vtc.measure import flops
 
-    report = vtc.flops(
+    report = flops(
         args.model,
         _specs(args.method) or None,
         visual_tokens=args.visual_tokens,

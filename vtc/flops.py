@@ -13,6 +13,11 @@ which is why the tests compare it (times two, for hardware FLOPs) with ``torch.u
 The vision tower, the LM head and decode steps are reported separately, so the prefill figure stays
 comparable with the papers'. Token counts come from a run (``handle.stats.flops``) or from a method's
 plan (``vtc.flops("llava-1.5-7b", methods="dart.r128")``).
+
+This module takes shapes and token counts only and imports nothing of vtc at run time, so the core
+(adapters, ``TokenStats``) can use it. Turning a checkpoint name, a loaded model or a method spec into
+shapes and counts needs the API layer and lives in ``vtc.measure``; ``import vtc`` makes this module
+callable as that function, so ``vtc.flops(...)`` and ``vtc.flops.ModelDims`` are both public.
 """
 
 from __future__ import annotations
@@ -278,78 +283,13 @@ def report_from_stats(stats: TokenStats, dims: ModelDims, formula: Formula = "pa
 def planned_counts(
     dims: ModelDims, methods: Sequence[Any], visual_tokens: int, text_tokens: int
 ) -> tuple[list[int], list[int]]:
-    """Tokens entering each layer for one sequence, dense and as `methods` plan to keep them."""
+    """Tokens entering each layer for one sequence, dense and as `methods` plan to keep them.
+
+    `methods` are ``vtc.method.Method`` instances, read only through ``plan`` and ``prune_layers``, so this
+    module need not import the method layer.
+    """
     dense_visual = [visual_tokens] * dims.num_layers
     visual = dense_visual
     for method in sorted(methods, key=lambda m: min(m.prune_layers(dims.num_layers), default=0)):
         visual = method.plan(visual, text_tokens)
     return [v + text_tokens for v in visual], [v + text_tokens for v in dense_visual]
-
-
-def flops(
-    model: Any,
-    methods: Any = None,
-    *,
-    visual_tokens: int | None = None,
-    text_tokens: int = 64,
-    images: int = 1,
-    decode_steps: int = 0,
-    formula: Formula = "paper",
-) -> FlopsReport:
-    """Analytic FLOPs of a model, dense vs compressed by `methods`, for one sequence.
-
-    Args:
-        model: a known checkpoint name (``vtc.flops.KNOWN_DIMS``: "llava-1.5-7b", "qwen2-vl-7b", ...),
-            a ``ModelDims``, a supported transformers model, or a ``vtc.Handle`` (then the measured counts
-            of its last forward are used and the other arguments are ignored).
-        methods: method spec(s) as ``vtc.wrap`` takes them; None for dense only.
-        visual_tokens: LLM visual tokens of the input (default: the model's tokens per image x `images`).
-        text_tokens: text tokens of the prompt (the papers' prompts are 40-70 tokens).
-        images: images in the input, for the vision tower.
-        decode_steps: generated tokens to add.
-        formula: ``"paper"`` (comparable with published numbers) or ``"gqa"``.
-    """
-    from vtc.api import Handle
-
-    if isinstance(model, Handle):
-        return report_from_stats(model.stats, model.adapter.dims(), formula)
-    dims = _dims_of(model)
-    if visual_tokens is None:
-        per_image = dims.vision.tokens_per_image if dims.vision else None
-        if per_image is None:
-            raise ValueError(f"{dims.name} has no fixed tokens per image; pass visual_tokens=.")
-        visual_tokens = per_image * images
-    if visual_tokens < 0 or text_tokens < 0:
-        raise ValueError("visual_tokens and text_tokens must be non-negative.")
-    bound = _plan_methods(methods)
-    counts, dense = planned_counts(dims, bound, visual_tokens, text_tokens)
-    per_image = [visual_tokens // images] * images if images else []
-    prepass = [r for m in bound if (r := m.prepass_layer(dims.num_layers)) is not None]
-    prepass_rows = [[dense[0]] * (prepass[0] + 1)] if prepass else []
-    return report(dims, [counts], [dense], per_image, decode_steps, formula, prepass_rows)
-
-
-def _plan_methods(methods: Any) -> list[Any]:
-    from vtc.api import as_config_list
-    from vtc.method import get_method
-
-    if methods is None:
-        return []
-    return [get_method(c.method)(c) for c in as_config_list(methods)]
-
-
-def _dims_of(model: Any) -> ModelDims:
-    if isinstance(model, ModelDims):
-        return model
-    if isinstance(model, str):
-        if model not in KNOWN_DIMS:
-            from vtc.registry import suggest
-
-            raise ValueError(
-                f"unknown model {model!r}.{suggest(model, sorted(KNOWN_DIMS))} Known: {', '.join(sorted(KNOWN_DIMS))}; "
-                f"or pass a loaded model or a vtc.flops.ModelDims."
-            )
-        return KNOWN_DIMS[model]
-    from vtc.adapters import adapter_for
-
-    return adapter_for(model).dims()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextvars
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,15 +23,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def fake_op(monkeypatch):
-    """An op ``fake`` whose Triton implementation always says no, or always runs, per `monkeypatch` flags."""
+def fake_op():
+    """An op ``fake`` whose Triton implementation says no, or is not preferred, per the returned flags."""
     state = {"reason": None, "preferred": True}
-    impls = {
-        "torch": dispatch.Impl(lambda x: ("torch", x), lambda x: None, lambda x: True),
-        "triton": dispatch.Impl(lambda x: ("triton", x), lambda x: state["reason"], lambda x: state["preferred"]),
-    }
-    monkeypatch.setitem(dispatch._IMPLS, "fake", impls)
-    return state
+    dispatch.register("fake", "torch", lambda x: ("torch", x))
+    dispatch.register(
+        "fake", "triton", lambda x: ("triton", x), lambda x: state["reason"], lambda x: state["preferred"]
+    )
+    yield state
+    dispatch.KERNELS.unregister("fake")
 
 
 @pytest.fixture(autouse=True)
@@ -88,6 +91,44 @@ def test_unknown_backends_raise(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "fast")
     with pytest.raises(ValueError, match="unknown kernel backend 'fast'"):
         kernels.requested()
+
+
+def test_use_holds_in_its_own_thread_only(fake_op):
+    """A plain ``use()`` call is a context variable: another thread keeps choosing by the environment."""
+    seen = {}
+
+    def body():
+        kernels.use("torch")
+        worker = threading.Thread(target=lambda: seen.update(thread=(run(), kernels.requested())))
+        worker.start()
+        worker.join()
+        return run()
+
+    assert contextvars.copy_context().run(body) == "torch"
+    assert seen["thread"] == ("triton", "auto")
+
+
+def test_unknown_ops_raise_with_a_suggestion():
+    with pytest.raises(LookupError, match=r"unknown kernel op 'topk_gathr'\. Did you mean 'topk_gather'\?"):
+        dispatch.call("topk_gathr", torch.zeros(1, 3), 1)
+
+
+def test_an_op_starts_with_its_torch_reference_and_auto_is_no_implementation():
+    with pytest.raises(ValueError, match="torch reference of kernel op 'fresh'"):
+        dispatch.register("fresh", "triton", lambda x: x)
+    assert "fresh" not in dispatch.KERNELS
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dispatch.register("attn_rows", "auto", lambda x: x)
+
+
+def test_explicit_backend_without_an_implementation_raises():
+    dispatch.register("only_torch", "torch", lambda x: x)
+    try:
+        with pytest.raises(RuntimeError, match="kernel 'only_torch' has no triton implementation"):
+            dispatch.call("only_torch", 1, backend="triton")
+        assert dispatch.call("only_torch", 1) == 1  # auto falls back to the reference
+    finally:
+        dispatch.KERNELS.unregister("only_torch")
 
 
 def test_env_var_selects_the_backend_of_real_ops(monkeypatch):
@@ -187,3 +228,53 @@ def test_gpu_auto_picks_triton_for_cuda_tensors():
     with kernels.record() as rec:
         kernels.topk_gather(torch.randn(2, 9), 3)  # CPU tensors still take the reference
     assert rec == {"topk_gather": "torch"}
+
+
+# -- docs/KERNELS.md and the registry agree ----------------------------------------------------------------
+
+KERNELS_MD = REPO / "docs" / "KERNELS.md"
+
+
+def markdown_table(text: str, header: str) -> list[list[str]]:
+    """The body rows of the markdown table whose header row starts with `header`, as stripped cells."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(header)), None)
+    assert start is not None, f"no table starting {header!r} in {KERNELS_MD.name}"
+    rows = []
+    for line in lines[start + 2 :]:  # skip the header and the |---| row
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip())[1:-1]])
+    return rows
+
+
+def code(cell: str) -> str:
+    """The text of the one backticked span in a table cell."""
+    spans = re.findall(r"`([^`]+)`", cell)
+    assert len(spans) == 1, f"expected one `code` span in {cell!r}"
+    return spans[0]
+
+
+def source_file(fn) -> Path:
+    """The file that defines `fn` (a lazy Triton entry names its module without importing it)."""
+    spec = importlib.util.find_spec(fn.__module__)
+    return Path(spec.origin).resolve().relative_to(REPO)
+
+
+def test_the_docs_op_table_is_the_registry():
+    text = KERNELS_MD.read_text()
+    rows = markdown_table(text, "| op |")
+    documented = {code(row[0]): (code(row[2]), code(row[3])) for row in rows}
+    assert sorted(documented) == sorted(dispatch.registered()), "docs/KERNELS.md's op table and the registry differ"
+    for op, (reference, triton) in documented.items():
+        assert dispatch.registered()[op] == ("torch", "triton"), f"{op}: the table promises both backends"
+        impls = dispatch.KERNELS.get(op)
+        assert source_file(impls["torch"].fn).as_posix() == reference, f"{op}: the torch reference lives elsewhere"
+        assert source_file(impls["triton"].fn).as_posix() == triton, f"{op}: the Triton implementation lives elsewhere"
+        assert callable(getattr(kernels, op)) and op in kernels.__all__, f"vtc.kernels.{op} is not public"
+        assert f"### `{op}`" in text, f"{op} has no contract section"
+
+
+def test_the_docs_backend_table_is_the_backends():
+    rows = markdown_table(KERNELS_MD.read_text(), "| request |")
+    assert [code(row[0]) for row in rows] == list(dispatch.BACKENDS)

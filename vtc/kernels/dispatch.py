@@ -1,8 +1,10 @@
 """Backend choice for vtc's kernels.
 
-Every op has a torch reference (the definition of correct) and may have faster implementations. The
-backend is chosen, in this order, by an explicit ``backend=`` argument, then ``vtc.kernels.use(...)``,
-then the ``VTC_KERNEL_BACKEND`` environment variable (``auto|torch|triton``), then ``auto``.
+Every op has a torch reference (the definition of correct) and may have faster implementations; the
+ops and their implementations are entries of ``KERNELS``, the generic registry every vtc plugin point
+uses, so an unknown op name gets the same did-you-mean error as an unknown method. The backend is
+chosen, in this order, by an explicit ``backend=`` argument, then ``vtc.kernels.use(...)``, then the
+``VTC_KERNEL_BACKEND`` environment variable (``auto|torch|triton``, read at every call), then ``auto``.
 
 Auto picks Triton for CUDA tensors when triton imports and the kernel supports the call, and otherwise
 falls back to the reference without a word: a user who asked for nothing gets a working model. An
@@ -28,6 +30,8 @@ from typing import Any
 
 import torch
 
+from vtc.registry import Registry
+
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "VTC_KERNEL_BACKEND"
 INTERPRET_VAR = "TRITON_INTERPRET"
@@ -49,7 +53,8 @@ class Impl:
     preferred: Callable[..., bool]
 
 
-_IMPLS: dict[str, dict[str, Impl]] = {}
+#: op name -> {backend: implementation}. Unknown names raise ``LookupError`` with a did-you-mean.
+KERNELS: Registry[dict[str, Impl]] = Registry("kernel op", LookupError)
 _chosen: contextvars.ContextVar[str | None] = contextvars.ContextVar("vtc_kernel_backend", default=None)
 _recorder: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("vtc_kernel_record", default=None)
 
@@ -69,10 +74,24 @@ def register(
     supports: Callable[..., str | None] = _always,
     preferred: Callable[..., bool] = _yes,
 ) -> None:
-    """Register `fn` as the `backend` implementation of `op`."""
+    """Register `fn` as the `backend` implementation of `op` (the first registration creates the op).
+
+    Raises:
+        ValueError: `backend` is not a concrete backend (``auto`` is a choice, not an implementation),
+            or the first implementation of a new op is not its torch reference, which ``auto`` falls back to.
+    """
     if backend not in BACKENDS[1:]:
         raise ValueError(f"backend must be one of {BACKENDS[1:]}; got {backend!r}.")
-    _IMPLS.setdefault(op, {})[backend] = Impl(fn, supports, preferred)
+    if op not in KERNELS:
+        if backend != "torch":
+            raise ValueError(f"register the torch reference of kernel op {op!r} before its {backend} implementation.")
+        KERNELS.register(op, {})
+    KERNELS.get(op)[backend] = Impl(fn, supports, preferred)
+
+
+def registered() -> dict[str, tuple[str, ...]]:
+    """``{op: backends}`` of every registered op, sorted: what ``vtc.kernels`` can run."""
+    return {op: tuple(sorted(KERNELS.get(op))) for op in KERNELS.names()}
 
 
 def _check(backend: str) -> str:
@@ -82,7 +101,11 @@ def _check(backend: str) -> str:
 
 
 class use(contextlib.AbstractContextManager):  # noqa: N801  (reads as a function: vtc.kernels.use("torch"))
-    """Choose the kernel backend: for the rest of the program, or within a ``with`` block.
+    """Choose the kernel backend: from now on in this thread, or within a ``with`` block.
+
+    The choice is a context variable, so a ``with`` block in one thread or asyncio task cannot change
+    the kernels another one runs. The price: a thread started later does not see a plain call's choice
+    (asyncio tasks created later do); set ``VTC_KERNEL_BACKEND`` to choose for every thread.
 
     Examples:
         ``vtc.kernels.use("torch")`` or ``with vtc.kernels.use("triton"): ...``
@@ -105,8 +128,14 @@ def requested(backend: str | None = None) -> str:
 
 
 def call(op: str, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
-    """Run `op` on the chosen backend and record which one ran."""
-    impls = _IMPLS[op]
+    """Run `op` on the chosen backend and record which one ran.
+
+    Raises:
+        LookupError: `op` is not registered.
+        ValueError: an unknown backend name (argument, ``use()`` or ``VTC_KERNEL_BACKEND``).
+        RuntimeError: an explicit backend that has no implementation of `op` or cannot run this call.
+    """
+    impls = KERNELS.get(op)
     want = requested(backend)
     if want == "auto":
         name = "torch"
@@ -204,5 +233,6 @@ def lazy(module: str, name: str) -> Callable[..., Any]:
         return getattr(_load(module), name)(*args, **kwargs)
 
     run.__name__ = run.__qualname__ = name
+    run.__module__ = module  # where the implementation lives, for tracebacks and for docs/KERNELS.md's table
     run.__doc__ = f"Lazily imported ``{module}.{name}``."
     return run
