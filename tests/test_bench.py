@@ -8,6 +8,8 @@ oracle's logits must also equal vtc's, which pins the very tokens and their posi
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 from conftest import hook_ids, tiny
@@ -26,6 +28,7 @@ from vtc.bench import (
     pruning_specs,
     renumbering_methods,
 )
+from vtc.cli import append_rows
 from vtc.state import StageRecord, TokenStats
 
 # What the presets leave untouched on a random tiny model: MustDrop's filter dropping tokens and its cache
@@ -191,3 +194,14 @@ def test_benchmark_rows_carry_each_schedule():
     assert by_spec["gemfilter.r64"]["tokens_per_layer"] == "0-3:128"
     assert by_spec["dart.r64"]["tokens_per_layer"] == "0-1:640 2-3:132"
     assert by_spec["dart.r64"]["layer"] == 2 and by_spec["dart.r64"]["visual_kept"] == 68
+
+
+def test_append_rows_widens_an_older_file(tmp_path):
+    path = tmp_path / "prefill.csv"
+    path.write_text("date,spec,vtc_ms\n2026-01-01,dart.r64,1.5\n")
+    append_rows(path, [{"spec": "dart.r128", "vtc_ms": 2.5, "tokens_per_layer": "0:10"}], {"date": "2026-02-02"})
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["date", "spec", "vtc_ms", "tokens_per_layer"]
+    assert rows[0] == {"date": "2026-01-01", "spec": "dart.r64", "vtc_ms": "1.5", "tokens_per_layer": ""}
+    assert rows[1] == {"date": "2026-02-02", "spec": "dart.r128", "vtc_ms": "2.5", "tokens_per_layer": "0:10"}
