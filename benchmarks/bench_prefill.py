@@ -1,10 +1,13 @@
-"""Prefill time of a LLaVA-1.5-shaped model: dense, a slicing oracle, and vtc's DART, side by side.
+"""Prefill time of a LLaVA-1.5-shaped model: dense, a slicing oracle, and vtc, for every pruning method.
 
-The oracle slices the same number of visual tokens at the same layer with no scoring, so vtc's speedup
-divided by the oracle's is vtc's own overhead; both are printed beside the FLOPs-ideal speedup. Rows go
-to benchmarks/results/prefill.csv with the date, device and versions.
+Each method runs once through vtc first; the oracle then replays that run's measured schedule (the same
+tokens gathered at the same layers, GemFilter's pre-pass and renumbering, MustDrop's cache trim) with no
+scoring at all, so vtc's speedup divided by the oracle's is vtc's own overhead. Both are printed beside
+the FLOPs-ideal speedup. Rows go to benchmarks/results/prefill.csv with the date, device, versions and the
+command that reproduces them.
 
-    python benchmarks/bench_prefill.py                 # hidden 512, 32 layers, fp32, on the GPU if any
+    python benchmarks/bench_prefill.py                 # every pruning method at r192, r128, r64; hidden 512
+    python benchmarks/bench_prefill.py --methods dart.r128,gemfilter.r128 --repeats 15
     python benchmarks/bench_prefill.py --hidden 4096 --dtype bfloat16   # LLaVA-1.5-7B width on a GPU
 """
 

@@ -14,6 +14,7 @@ from typing import Any
 PREFILL_COLUMNS = [
     ("spec", "method", "s"),
     ("visual_kept", "kept", "d"),
+    ("tokens_per_layer", "tokens entering layers", "s"),
     ("dense_ms", "dense ms", ".1f"),
     ("oracle_ms", "oracle ms", ".1f"),
     ("vtc_ms", "vtc ms", ".1f"),
@@ -52,15 +53,23 @@ def environment() -> dict[str, str]:
 
 
 def append_rows(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    """Append result rows (with `meta` columns first) to a CSV file, writing the header once."""
+    """Append result rows (with `meta` columns first) to a CSV file.
+
+    The file keeps one header: when the rows bring columns it lacks, it is rewritten with the union of both
+    (older rows get empty cells there), so a results file stays one table as the benchmark grows fields.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     records = [{**meta, **r} for r in rows]
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(records)
+    columns, old = list(records[0]), []
+    if path.exists() and path.stat().st_size > 0:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            known, old = list(reader.fieldnames or []), list(reader)
+        columns = known + [c for c in columns if c not in known]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows([*old, *records])
 
 
 # -- vtc flops -----------------------------------------------------------------------------------------
@@ -88,29 +97,48 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 # -- vtc bench -----------------------------------------------------------------------------------------
+def bench_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces a ``vtc bench`` run, from its parsed settings (no paths, no --out)."""
+    return (
+        f"python -m vtc bench {args.what} --methods {args.methods} --hidden {args.hidden} --layers {args.layers} "
+        f"--text-tokens {args.text_tokens} --dtype {args.dtype} --device {args.device} --warmup {args.warmup} "
+        f"--repeats {args.repeats} --threads {args.threads}"
+    )
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from vtc.bench import format_rows, llava_like, llava_like_sample, prefill_benchmark
+    from vtc.bench import format_rows, llava_like, llava_like_sample, prefill_benchmark, pruning_specs
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
     model = llava_like(hidden=args.hidden, layers=args.layers, dtype=dtype).to(device)
     sample = llava_like_sample(model, text_tokens=args.text_tokens)
     n_tokens = sample["input_ids"].shape[1]
+    specs = pruning_specs() if args.methods == "all" else _specs(args.methods)
     print(
         f"prefill of a LLaVA-1.5-shaped model: hidden {args.hidden}, {args.layers} layers, {n_tokens} tokens "
         f"(576 visual), {args.dtype} on {device}; median of {args.repeats} round-robin repeats"
     )
-    rows = prefill_benchmark(model, sample, _specs(args.methods), warmup=args.warmup, repeats=args.repeats)
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r{done}/{total} prefills", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    rows = prefill_benchmark(model, sample, specs, warmup=args.warmup, repeats=args.repeats, progress=progress)
     print(format_rows(rows, PREFILL_COLUMNS))
     print(
-        "oracle: slices the same number of visual tokens at the same layer, with no scoring; "
-        "vtc/oracle = vtc's speedup / the oracle's (1.0 = no overhead)."
+        "oracle: replays each method's measured schedule (the same tokens gathered at the same layers, its "
+        "pre-pass and cache trim) with no scoring; vtc/oracle = vtc's speedup / the oracle's (1.0 = no overhead)."
     )
     if args.out:
-        meta = {**environment(), "hidden": args.hidden, "layers": args.layers, "tokens": n_tokens, "dtype": args.dtype}
-        meta["command"] = " ".join(sys.argv)
+        env = environment()
+        if device.type == "cpu":
+            env["device"] = f"{env['device']} {torch.backends.cpu.get_cpu_capability()}"
+        meta = {**env, "hidden": args.hidden, "layers": args.layers, "tokens": n_tokens, "dtype": args.dtype}
+        meta["command"] = bench_command(args)
         append_rows(Path(args.out), rows, meta)
         print(f"rows appended to {args.out}")
     return 0
@@ -242,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="prefill time: dense vs a slicing oracle vs vtc, side by side")
     p.add_argument("what", choices=["prefill"])
-    p.add_argument("--methods", default="dart.r192,dart.r128,dart.r64")
+    p.add_argument(
+        "--methods", default="all", help="comma-separated specs, or 'all': every pruning method at r192, r128, r64"
+    )
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--text-tokens", type=int, default=64)
@@ -250,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default=None, help="append result rows to this CSV file")
     p.set_defaults(func=cmd_bench)
 
