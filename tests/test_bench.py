@@ -17,7 +17,7 @@ from conftest import hook_ids, tiny
 import vtc
 from vtc import surface
 from vtc.adapters import ADAPTERS
-from vtc.api import _WRAPPED
+from vtc.engine import ModelSessions
 from vtc.bench import (
     Schedule,
     SliceOracle,
@@ -175,7 +175,7 @@ def test_oracle_is_not_vtc_and_leaves_no_hooks():
     before = hook_ids(model)
     attention = surface.attention_implementation(model.config.text_config)
     with SliceOracle(model, schedule), torch.no_grad():
-        assert model not in _WRAPPED
+        assert ModelSessions.find(model) is None
         model(**sample)
         assert surface.attention_implementation(model.config.text_config) == attention  # no vtc tap
     assert hook_ids(model) == before
