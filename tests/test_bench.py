@@ -17,18 +17,10 @@ from conftest import hook_ids, tiny
 import vtc
 from vtc import surface
 from vtc.adapters import ADAPTERS
-from vtc.engine import ModelSessions
-from vtc.bench import (
-    Schedule,
-    SliceOracle,
-    layer_runs,
-    llava_like,
-    llava_like_sample,
-    prefill_benchmark,
-    pruning_specs,
-    renumbering_methods,
-)
+from vtc.bench import layer_runs, llava_like, llava_like_sample, prefill_benchmark, pruning_specs
 from vtc.cli import append_rows
+from vtc.engine import ModelSessions
+from vtc.oracle import Schedule, SliceOracle, renumbering_methods
 from vtc.state import StageRecord, TokenStats
 
 # What the presets leave untouched on a random tiny model: MustDrop's filter dropping tokens and its cache

@@ -44,6 +44,7 @@ UPPER = (
     "vtc.eval",
     "vtc.demo",
     "vtc.bench",
+    "vtc.oracle",
     "vtc.reference",
 )
 # The FLOPs formula takes shapes and counts; resolving names and specs is vtc.measure's job.
