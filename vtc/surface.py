@@ -49,6 +49,10 @@ POSITION_IDS = "position_ids"
 POSITION_EMBEDDINGS = "position_embeddings"
 LAYER_ARGUMENTS = (HIDDEN_STATES, ATTENTION_MASK, POSITION_IDS, POSITION_EMBEDDINGS)
 
+#: Keyword arguments that bring images or videos into a multimodal forward. From 5.24 ``generate`` encodes
+#: the media before the loop and passes ``mm_encoder_outputs`` (a dict per modality) instead of pixels.
+MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "pixel_values_images", "mm_encoder_outputs")
+
 
 def version() -> str:
     import transformers
@@ -136,6 +140,19 @@ def output_cache(output: Any) -> Any:
     if isinstance(output, dict):
         return get_cache(output)
     return None
+
+
+def carries_media(kwargs: dict[str, Any]) -> bool:
+    """Whether a multimodal forward's arguments bring any image or video: without them the model embeds
+    placeholder ids as ordinary tokens (a decode step may sample one), and so must vtc."""
+    for name in MEDIA_INPUTS:
+        value = kwargs.get(name)
+        if isinstance(value, dict):
+            if any(v is not None for v in value.values()):
+                return True
+        elif value is not None:
+            return True
+    return False
 
 
 # -- the KV cache -----------------------------------------------------------------------------------

@@ -24,11 +24,24 @@ def _registered():
     METHODS.unregister(SeededKeep.name)
 
 
-def chunk_of(model, family: str, batch: int, length: int, image: bool, seed: int) -> dict[str, torch.Tensor]:
-    """New tokens for every row: `length` text tokens, with one image in the middle when `image`."""
+def chunk_of(
+    model, family: str, batch: int, length: int, image: bool, seed: int, stray: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """New tokens for every row: `length` text tokens, with one image in the middle when `image`.
+
+    With `stray` (the prompt), every other text token is the image placeholder id but no pixels come
+    with it, as when a decode step samples that id; Qwen gets the prompt's grids and text token types,
+    as generate in transformers 5.17 passes them to every step."""
     g = torch.Generator().manual_seed(seed)
     cls = ADAPTERS.get(family)
     text = torch.randint(3, 100, (batch, length), generator=g)
+    if stray is not None:
+        text[:, ::2] = cls.IMAGE_TOKEN
+        chunk = {"input_ids": text}
+        if family != "llava":
+            chunk["mm_token_type_ids"] = torch.zeros_like(text)
+            chunk["image_grid_thw"] = stray["image_grid_thw"]
+        return chunk
     if not image:
         chunk = {"input_ids": text}
     else:
@@ -56,7 +69,8 @@ def extend_inputs(model, family: str, prompt: dict, chunk: dict, cache) -> dict:
     else:
         full_ids = torch.cat([prompt["input_ids"], chunk["input_ids"]], dim=1)
         full_types = torch.cat([prompt["mm_token_type_ids"], chunk["mm_token_type_ids"]], dim=1)
-        grids = [g for g in (prompt.get("image_grid_thw"), chunk.get("image_grid_thw")) if g is not None]
+        chunk_grids = chunk.get("image_grid_thw") if chunk["mm_token_type_ids"].any() else None
+        grids = [g for g in (prompt.get("image_grid_thw"), chunk_grids) if g is not None]
         batch = full_ids.shape[0]
         # get_rope_index consumes grids in order of appearance: row 0's images, then row 1's.
         per_row = [torch.cat([g.view(batch, -1, 3)[b] for g in grids]) for b in range(batch)] if grids else None
@@ -86,10 +100,10 @@ def visual_columns(model, ids: torch.Tensor) -> list[torch.Tensor]:
     return [row.nonzero().flatten() for row in visual]
 
 
-def check_against_oracle(family: str, length: int, image: bool, extend_stage: bool) -> None:
+def check_against_oracle(family: str, length: int, image: bool, extend_stage: bool, stray: bool = False) -> None:
     model = tiny(family)
     prompt, _ = batch_for(model, family, images=[1, 1], batch=2)
-    chunk = chunk_of(model, family, 2, length, image, seed=7)
+    chunk = chunk_of(model, family, 2, length, image, seed=7, stray=prompt if stray else None)
     config = SeededKeepConfig(layers=(2,), extend=extend_stage)
     with vtc.apply(model, config) as handle, torch.no_grad():
         logits, tokens = run(model, family, prompt, chunk)
@@ -131,3 +145,11 @@ def test_an_extend_carrying_a_second_image_equals_the_masked_oracle(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_stage_pruning_the_new_image_of_an_extend_equals_the_masked_oracle(family):
     check_against_oracle(family, 6, image=True, extend_stage=True)
+
+
+@pytest.mark.parametrize("length", [1, 4])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_placeholder_ids_without_pixels_are_text(family, length):
+    """A decode step or extend that carries the image placeholder id but no pixels: the model embeds the
+    id as a token, and vtc must neither refuse it nor count it as visual."""
+    check_against_oracle(family, length, image=False, extend_stage=True, stray=True)

@@ -117,6 +117,8 @@ class Session:
     def on_vlm(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         visual = self.adapter.visual_mask(input_ids, kwargs.get("inputs_embeds"))
+        if not surface.carries_media(kwargs):
+            visual = torch.zeros_like(visual)  # placeholder ids without pixels are text to the model
         layout = self.adapter.layout(visual, {**kwargs, "input_ids": input_ids})
         self._pending_visual = (visual, layout)
 
