@@ -181,9 +181,7 @@ def _missing_data_is_a_user_error(fn):
 
 @_missing_data_is_a_user_error
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
+    from vtc.eval import models
     from vtc.eval.data import load_docs
     from vtc.eval.report import markdown
     from vtc.eval.runner import parse_methods, run_task
@@ -192,10 +190,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = [get_task(t) for t in _specs(args.tasks)]
     methods = parse_methods(args.method)
     sources = _data_sources(args.data, [t.name for t in tasks])
-    device = _device(args.device)
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
-    out = Path(args.out) if args.out else Path("runs") / Path(args.model).name
+    model, processor = models.load(args.model, device=args.device, dtype=args.dtype)
+    out = Path(args.out) if args.out else Path("runs") / models.model_label(args.model)
     summaries = []
     for task in tasks:
         docs = load_docs(task, sources.get(task.name), split=args.split, media_root=args.media_root, limit=args.limit)
@@ -203,8 +199,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             summaries.append(
                 run_task(
                     model, processor, task, docs, method, out, batch_size=args.batch_size, frames=args.frames,
-                    max_new_tokens=args.max_new_tokens, seed=args.seed, model_name=args.model,
-                    progress=not args.no_progress,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed, model_name=models.model_label(args.model),
+                    progress=not args.quiet,
                 )
             )  # fmt: skip
     print(markdown(summaries), end="")
@@ -228,6 +224,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_names() -> str:
+    from vtc.eval.tasks import TASKS
+
+    return ", ".join(TASKS.names())
+
+
 # -- vtc list ------------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
     import vtc
@@ -241,6 +243,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("adapters (model types):")
     for name in vtc.list_adapters():
         print(f"  {name:<12} {', '.join(ADAPTERS.get(name).model_types)}")
+    from vtc.eval.tasks import TASKS
+
+    print("eval tasks (vtc eval --tasks):")
+    for name in TASKS.names():
+        task = TASKS.get(name)
+        where = "generated on first use" if task.make_split else (task.hub[0] if task.hub else "--data PATH")
+        print(f"  {name:<16} {task.modality:<6} {where}")
     return 0
 
 
@@ -285,10 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="accuracy and cost of methods on benchmarks (resumable)")
-    p.add_argument("--model", required=True, help="a transformers VLM: hub name or local folder")
-    p.add_argument("--tasks", required=True, help="comma-separated tasks, e.g. pope_random,gqa,mme")
+    p.add_argument(
+        "--model", required=True, help="a transformers VLM: hub name, local folder, or 'reference' (shipped with vtc)"
+    )
+    p.add_argument("--tasks", required=True, help=f"comma-separated tasks: {_task_names()}")
     p.add_argument("--method", default="dense", help="comma-separated runs, e.g. dense,dart.r64 ('+' composes)")
-    p.add_argument("--data", action="append", default=[], help="TASK=PATH (repeatable); default: the hub dataset")
+    p.add_argument(
+        "--data", action="append", default=[],
+        help="TASK=PATH (repeatable); default: the hub dataset, or for shapesqa a split generated on first use",
+    )  # fmt: skip
     p.add_argument("--media-root", default=None, help="folder that relative image/video paths start from")
     p.add_argument("--split", default=None)
     p.add_argument("--out", default=None, help="runs folder (default runs/<model name>)")
@@ -298,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on a GPU, float32 on a CPU")  # fmt: skip
+    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="markdown table and plots from a runs folder")

@@ -36,6 +36,36 @@ def test_eval_then_report(tmp_path, saved_model, capsys) -> None:
     assert list((tmp_path / "plots").glob("*.png"))
 
 
+def test_eval_on_the_shipped_model_needs_nothing_given(tmp_path, monkeypatch, capsys) -> None:
+    """`vtc eval --model reference --tasks shapesqa`: the shipped weights by name, the split generated,
+    cached, and read again from the cache the second time."""
+    from vtc.eval.data import cache_root, load_docs
+    from vtc.eval.tasks import get_task
+
+    monkeypatch.setenv("VTC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    argv = ["eval", "--model", "reference", "--tasks", "shapesqa", "--method", "dense,dart.r64", "--limit", "6"]
+    assert main([*argv, "--quiet", "--batch-size", "3"]) == 0
+    out = capsys.readouterr().out
+    dense = next(line for line in out.splitlines() if line.startswith("| shapesqa | dense |"))
+    assert "| 6 |" in dense  # six questions answered
+    assert (tmp_path / "runs" / "reference").is_dir()
+    split = cache_root() / "data" / "shapesqa" / "test" / "test.jsonl"
+    assert split.is_file() and cache_root() == tmp_path / "cache"
+    stamp = split.stat().st_mtime_ns
+    docs = load_docs(get_task("shapesqa"), limit=3)
+    assert split.stat().st_mtime_ns == stamp  # read from the cache, not written again
+    assert [d["id"] for d in docs] == ["test-00000", "test-00001", "test-00002"]
+    assert all((split.parent / d["image"]).is_file() for d in docs)
+
+
+def test_vtc_list_names_the_eval_tasks(capsys) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    tasks = out.split("eval tasks")[1]
+    assert "shapesqa" in tasks and "generated on first use" in tasks and "pope_random" in tasks
+
+
 def test_missing_data_is_one_line(tmp_path, saved_model, capsys) -> None:
     argv = ["eval", "--model", str(saved_model), "--tasks", "mme", "--data", str(tmp_path / "none"), "--device", "cpu"]
     assert main(argv) == 2

@@ -5,6 +5,8 @@ A task's data may be:
 * the lmms-lab dataset on the hub (``datasets.load_dataset``; needs ``datasets`` and a reachable hub);
 * a local copy of it: a folder written by ``Dataset.save_to_disk`` (or ``DatasetDict.save_to_disk``),
   or its parquet files (a hub snapshot: ``data/test-00000-of-00001.parquet``), a single parquet file;
+* for a synthetic task (ShapesQA), nothing: its split is generated, seeded, on first use and cached
+  under ``$VTC_CACHE`` (default ``~/.cache/vtc``);
 * plain JSON lines (``<root>/<split>.jsonl`` or any ``.jsonl`` file), one doc per line, whose image or
   video column holds a path relative to the file's folder (or to ``media_root``).
 
@@ -18,6 +20,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -52,6 +57,8 @@ def load_docs(
         ImportError: the layout needs ``datasets`` or ``pyarrow`` and it is not installed.
     """
     split = split or (task.hub[2] if source is None and task.hub else task.split)
+    if source is None and task.make_split is not None:
+        source = generated_split(task, split)
     if source is None:
         rows, origin, root = _from_hub(task, split), f"the hub dataset {task.hub[0] if task.hub else '?'}", None
     else:
@@ -79,6 +86,37 @@ def load_docs(
     if not docs:
         raise ValueError(f"{origin} has no rows for task {task.name!r} (split {split!r}).")
     return docs
+
+
+def cache_root() -> Path:
+    """Where generated datasets are kept: ``$VTC_CACHE``, else ``~/.cache/vtc``."""
+    return Path(os.environ.get("VTC_CACHE") or Path.home() / ".cache" / "vtc").expanduser()
+
+
+def generated_split(task: Task, split: str) -> Path:
+    """The folder holding `task`'s generated `split` (``<split>.jsonl`` plus media), written on first use.
+
+    It is written into a temporary folder beside its place and renamed into it, so an interrupted or
+    concurrent first use never leaves a half-written split behind.
+    """
+    if task.make_split is None:
+        raise ValueError(f"task {task.name!r} is not generated; pass its data with --data.")
+    folder = cache_root() / "data" / task.name / split
+    if (folder / f"{split}.jsonl").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("writing %s split %r to %s (first use)", task.name, split, folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=folder.parent))
+    try:
+        task.make_split(tmp, split)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first: keep its copy
+            if not (folder / f"{split}.jsonl").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def _check_columns(task: Task, doc: dict[str, Any], origin: str) -> None:

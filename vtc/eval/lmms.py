@@ -29,10 +29,11 @@ class VTC(lmms):
     """A transformers VLM wrapped with vtc methods, answering lmms-eval's ``generate_until`` requests.
 
     Args:
-        pretrained: hub name or folder of the model (and its processor).
+        pretrained: hub name or folder of the model (and its processor), or ``reference`` for the model
+            shipped with vtc.
         method: ``dense`` or method specs joined by ``+`` (``dart.r64``, ``sparsevlm.r128+dart``).
-        device: torch device.
-        dtype: ``bfloat16``, ``float16`` or ``float32``.
+        device: torch device, or ``auto`` (a GPU when there is one).
+        dtype: ``auto`` (bfloat16 on a GPU, float32 on a CPU), ``bfloat16``, ``float16`` or ``float32``.
         batch_size: requests per generate call (left-padded; rows match batch-1 results).
     """
 
@@ -42,23 +43,20 @@ class VTC(lmms):
         self,
         pretrained: str,
         method: str = DENSE,
-        device: str = "cuda",
-        dtype: str = "bfloat16",
+        device: str = "auto",
+        dtype: str = "auto",
         batch_size: int | str = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
         import vtc
+        from vtc.eval import models
 
-        self.model = AutoModelForImageTextToText.from_pretrained(pretrained, dtype=getattr(torch, dtype)).to(device)
-        self.model.eval()
-        self.processor = AutoProcessor.from_pretrained(pretrained)
+        self.model, self.processor = models.load(pretrained, device=device, dtype=dtype)
         self.processor.tokenizer.padding_side = "left"
         self.handle = None if method == DENSE else vtc.wrap(self.model, method.split("+"))
         self.batch_size_per_gpu = int(batch_size)
-        self._device = torch.device(device)
+        self._device = self.model.device
 
     def generate_until(self, requests: list[Any]) -> list[str]:
         out: list[str] = []

@@ -48,6 +48,8 @@ class Task:
         id_key: the doc column that identifies a question (resuming and joining key on it).
         record_keys: doc columns kept with each prediction for scoring.
         extras: doc -> further values kept with each prediction (derived ones, e.g. MMBench's options).
+        make_split: ``(folder, split)`` -> writes ``<folder>/<split>.jsonl`` and its media: a synthetic
+            task's data, generated (seeded) on first use and cached when no data is given.
     """
 
     name: str
@@ -65,6 +67,7 @@ class Task:
     id_key: str = "question_id"
     record_keys: tuple[str, ...] = ()
     extras: Callable[[Doc], dict[str, Any]] | None = None
+    make_split: Callable[[Any, str], Any] | None = None
 
 
 TASKS: Registry[Task] = Registry("task", error=ValueError)
@@ -353,6 +356,16 @@ def _shapes_score(records: Sequence[Record]) -> dict[str, float]:
     return shapesqa.score(rows, [r["prediction"] for r in records])
 
 
+#: Questions in a generated ShapesQA split (``--limit`` takes the first N; rows do not depend on N).
+SHAPESQA_ROWS = 1000
+
+
+def _shapes_split(root: Any, split: str) -> Any:
+    from vtc.eval import shapesqa
+
+    return shapesqa.write_split(root, split, SHAPESQA_ROWS)
+
+
 register(
     Task(
         name="shapesqa",
@@ -365,5 +378,6 @@ register(
         max_new_tokens=48,
         id_key="id",
         record_keys=("type", "pope", "objects"),
+        make_split=_shapes_split,
     )
 )

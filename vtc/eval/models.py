@@ -1,0 +1,59 @@
+"""Loading the model an evaluation runs on: a hub name, a local folder, or ``reference``.
+
+``reference`` names the LLaVA trained on ShapesQA that ships inside vtc (``vtc.reference``), so
+``vtc eval --model reference --tasks shapesqa`` needs no download and no path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: The name that stands for the reference model shipped with vtc.
+REFERENCE = "reference"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def model_source(name: str | Path) -> str:
+    """What ``from_pretrained`` should load for `name`: the shipped weights folder for ``reference``."""
+    if str(name) == REFERENCE:
+        from vtc.reference.model import WEIGHTS
+
+        return str(WEIGHTS)
+    return str(name)
+
+
+def model_label(name: str | Path) -> str:
+    """A short name for runs folders and tables: ``reference``, a hub id, or a folder's name."""
+    text = str(name)
+    if text == REFERENCE:
+        return REFERENCE
+    path = Path(text).expanduser()
+    return path.name if path.exists() else text
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU, float32 on a CPU (where bfloat16 matmuls are slow and less exact)."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}.")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load(name: str | Path, *, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
+    """The model (eval mode, on `device`) and its processor, by hub name, folder or ``reference``."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    where = pick_device(device)
+    source = model_source(name)
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=pick_dtype(dtype, where))
+    return model.to(where).eval(), AutoProcessor.from_pretrained(source)
