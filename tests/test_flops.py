@@ -148,3 +148,11 @@ print(json.dumps({"dims": m.ModelDims.__name__, "known": "llava-1.5-7b" in m.KNO
     assert result["file"].startswith(str(REPO)), "the subprocess must import this checkout"
     assert result["dims"] == "ModelDims" and result["known"]
     assert result["ratio"] == vtc.flops("llava-1.5-7b", "dart.r128").prefill_ratio
+
+
+def test_repr_is_a_short_summary_and_the_data_stay_on_the_attributes():
+    rep = FlopsReport(per_layer=(1.0,) * 16 + (0.5,) * 16, per_layer_dense=(1.0,) * 32, vision=3.0, vision_dense=3.0)
+    text = repr(rep)
+    assert len(text) < 160 and "\n" not in text
+    assert "prefill 24 of 32 (75.0%)" in text and "total 27 of 35 (77.1%)" in text and "32 layers" in text
+    assert rep.per_layer[16] == 0.5 and len(rep.per_layer_dense) == 32

@@ -184,6 +184,17 @@ class FlopsReport:
         out.update(total=self.total, total_dense=self.total_dense)
         return out
 
+    def __repr__(self) -> str:
+        """A summary: prefill and total FLOPs, compressed against dense (the per-layer data stay on the
+        attributes and in :meth:`table`)."""
+        parts = [
+            f"prefill {_g(self.prefill)} of {_g(self.prefill_dense)} ({self.prefill_ratio:.1%})",
+            f"total {_g(self.total)} of {_g(self.total_dense)} ({self.total / self.total_dense if self.total_dense else 1:.1%})",
+            f"{len(self.per_layer)} layers",
+            f"formula={self.formula!r}",
+        ]
+        return f"FlopsReport({', '.join(parts)})"
+
     def table(self) -> str:
         """Per-layer and summary rows as aligned text."""
         rows = [f"{'layer':>6} {'dense':>12} {'compressed':>12} {'ratio':>7}"]

@@ -93,8 +93,22 @@ def markdown(runs: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: none has at most their cost and at least their
+    score with one of the two strictly better. Sorted by cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
 def plot_accuracy_flops(runs: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]:
-    """One PNG per (model, task): the primary metric against prefill FLOPs, one point per method."""
+    """One PNG per (model, task): the primary metric against prefill FLOPs (% of dense when a dense run
+    exists), every method a point in its own colour and marker, named in a legend beside the axes (names
+    written at the points overlap), and the Pareto front drawn as a dashed step line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,21 +120,43 @@ def plot_accuracy_flops(runs: Sequence[dict[str, Any]], out_dir: str | Path) -> 
     for r in rows(runs):
         if r["flops"] is not None and r["score"] is not None:
             groups.setdefault((r["model"], r["task"]), []).append(r)
+    markers = "os^Dvp<>hX"
     paths = []
     for (model, task), items in groups.items():
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for r in items:
-            ax.scatter(r["flops"], r["score"], marker="*" if r["method"] == DENSE else "o")
-            ax.annotate(r["method"], (r["flops"], r["score"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("prefill FLOPs per sample (decoder layers)")
+        relative = all(r["flops_ratio"] is not None for r in items)
+        xs = [100 * r["flops_ratio"] if relative else r["flops"] for r in items]
+        ys = [r["score"] for r in items]
+        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+        cmap = plt.get_cmap("tab10")
+        for i, r in enumerate(items):
+            dense = r["method"] == DENSE
+            ax.scatter(
+                xs[i], ys[i], s=110 if dense else 45, marker="*" if dense else markers[i % len(markers)],
+                color="black" if dense else cmap(i % 10), label=r["method"], zorder=3,
+            )  # fmt: skip
+        front = pareto_front(list(zip(xs, ys, strict=True)))
+        ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", ls="--", lw=1, color="grey",
+                label="Pareto front", zorder=2)  # fmt: skip
+        ax.set_xlabel("prefill FLOPs, % of dense (decoder layers)" if relative else "prefill FLOPs per sample")
         ax.set_ylabel(items[0]["metric"])
-        ax.set_title(f"{task} — {Path(model).name}", fontsize=9)
+        ax.set_title(f"{task}: {items[0]['metric']} against prefill FLOPs ({model_name(model)})", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
         fig.tight_layout()
-        path = out_dir / f"{Path(model).name}_{task}_accuracy_flops.png".replace("/", "_")
+        path = out_dir / f"{model_name(model)}_{task}_accuracy_flops.png".replace("/", "_")
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def model_name(model: str) -> str:
+    """A model's short name for titles and files: a hub id's last part or a folder's name; the shipped
+    model's weights folder reads ``reference``."""
+    path = Path(model)
+    if path.name == "weights" and path.parent.name == "reference":
+        return "reference"
+    return path.name or model
 
 
 def plot_kept_patches(image: Any, kept: Sequence[int], grid: tuple[int, int], path: str | Path) -> Path:
