@@ -189,7 +189,7 @@ class FlopsReport:
         attributes and in :meth:`table`)."""
         parts = [
             f"prefill {_g(self.prefill)} of {_g(self.prefill_dense)} ({self.prefill_ratio:.1%})",
-            f"total {_g(self.total)} of {_g(self.total_dense)} ({self.total / self.total_dense if self.total_dense else 1:.1%})",
+            f"total {_g(self.total)} of {_g(self.total_dense)} ({self.total / (self.total_dense or 1):.1%})",
             f"{len(self.per_layer)} layers",
             f"formula={self.formula!r}",
         ]
