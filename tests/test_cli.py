@@ -56,3 +56,11 @@ def test_bench_prefill_writes_rows(tmp_path, capsys):
     assert "vtc/oracle" in capsys.readouterr().out
     header, row = out.read_text().splitlines()
     assert "vtc_over_oracle" in header and "dart.r64" in row
+
+
+def test_eta_at_the_rate_so_far():
+    from vtc.progress import eta
+
+    assert eta(0.0, 0, 10) == "?"
+    assert eta(30.0, 1, 5) == "2:00"  # 30 s a step, four steps left
+    assert eta(90.0, 9, 9) == "0:00"

@@ -29,6 +29,7 @@ CORE = (
     "vtc.contexts",
     "vtc.budget",
     "vtc.roles",
+    "vtc.progress",
     "vtc.engine",
     "vtc.adapters",
     "vtc.kernels",

@@ -124,10 +124,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"(576 visual), {args.dtype} on {device}; median of {args.repeats} round-robin repeats"
     )
 
-    def progress(done: int, total: int) -> None:
-        print(f"\r{done}/{total} prefills", end="\n" if done == total else "", file=sys.stderr, flush=True)
+    from vtc.progress import bar
 
-    rows = prefill_benchmark(model, sample, specs, warmup=args.warmup, repeats=args.repeats, progress=progress)
+    with bar(0, "prefills", unit="prefill", enabled=not args.quiet) as shown:
+
+        def progress(done: int, total: int) -> None:
+            shown.total = total
+            shown.update(1)
+
+        rows = prefill_benchmark(model, sample, specs, warmup=args.warmup, repeats=args.repeats, progress=progress)
     print(format_rows(rows, PREFILL_COLUMNS))
     print(
         "oracle: replays each method's measured schedule (the same tokens gathered at the same layers, its "
@@ -263,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3, help="timed prefills per setting")
     p.add_argument("--model", default=None, help="a reference model folder (default: the one shipped with vtc)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("flops", help="analytic FLOPs of a known model, dense vs compressed")
@@ -291,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default=None, help="append result rows to this CSV file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="accuracy and cost of methods on benchmarks (resumable)")

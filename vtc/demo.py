@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     import vtc
     from vtc.bench import format_rows, nothing, time_round_robin
     from vtc.eval import shapesqa
+    from vtc.progress import bar
     from vtc.reference import evaluate
     from vtc.reference import model as reference
 
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         )
         timing_batch = evaluate.inputs_for(processor, rows[: args.batch_size], root)
         results, providers = [], {}
+        shown = bar(len(configs) * len(rows), "answering", unit="q", enabled=not getattr(args, "quiet", False))
         for config in configs:
             name = "dense" if config is None else label(config)
             with vtc.apply(model, config if config is not None else "dart.noop") as handle:
@@ -92,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
 
             setup = nothing if config is None else (lambda c=config: vtc.apply(model, c))
             providers[name] = (prefill, setup)
+            shown.update(len(rows))
+        shown.close()
         timings = time_round_robin(providers, torch.device("cpu"), warmup=1, repeats=args.repeats)
 
     dense = results[0][1]

@@ -46,9 +46,14 @@ def test_eval_on_the_shipped_model_needs_nothing_given(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     argv = ["eval", "--model", "reference", "--tasks", "shapesqa", "--method", "dense,dart.r64", "--limit", "6"]
     assert main([*argv, "--quiet", "--batch-size", "3"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     dense = next(line for line in out.splitlines() if line.startswith("| shapesqa | dense |"))
     assert "| 6 |" in dense  # six questions answered
+    assert "shapesqa dense" not in captured.err  # --quiet: no progress bar
+    assert main([*argv, "--batch-size", "3"]) == 0  # resumes: every answer is on disk already
+    err = capsys.readouterr().err
+    assert "shapesqa dense" in err and "6/6" in err  # the bar, with done/total (and an ETA)
     assert (tmp_path / "runs" / "reference").is_dir()
     split = cache_root() / "data" / "shapesqa" / "test" / "test.jsonl"
     assert split.is_file() and cache_root() == tmp_path / "cache"

@@ -338,19 +338,7 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, initial=initial, desc=desc, unit="q")
+    from vtc.progress import bar
+
+    return bar(total, desc, unit="q", enabled=enabled, initial=initial)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from vtc.eval import shapesqa
+from vtc.progress import eta
 from vtc.reference import evaluate
 from vtc.reference.model import IMAGE_TOKEN, build_model, build_processor, prompt
 from vtc.reference.targets import answer_labels, attention_targets, early_targets, patch_targets, relay_targets
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--where-weight", type=float, default=1.0, help="weight of the projector's position probe")
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the tower's per-patch loss")
     p.add_argument("--align-weight", type=float, default=1.0, help="weight of the projector's word alignment")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on the console (the log file keeps them)")
     p.add_argument("--eval-rows", type=int, default=1000, help="rows of the val split scored at the end")
     args = p.parse_args(argv)
 
@@ -147,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     log = open(out / "train_log.txt", "w")  # noqa: SIM115  (closed at the end of main)
 
     def say(line: str) -> None:
-        print(line, flush=True)
+        if not args.quiet:
+            print(line, flush=True)
         log.write(line + "\n")
         log.flush()
 
@@ -217,8 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == args.tower_steps - 1:
-            say(f"tower {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - started:6.0f} s")
+            seconds = time.perf_counter() - started
+            left = eta(seconds, step + 1, args.tower_steps)
+            say(f"tower {step:5d}  loss {loss.item():.4f}  {seconds:6.0f} s  (tower ETA {left})")
 
+    tower_seconds = time.perf_counter() - started
     running, answers, early_running, found_running = None, None, None, None
     for step in range(args.steps):
         for group in opt.param_groups:
@@ -294,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
             lr, seconds = opt.param_groups[0]["lr"], time.perf_counter() - started
             early_part = f"  early {early_running:.4f}" if early_running is not None else ""
             early_part += f"  found {found_running:.3f}" if found_running is not None else ""
-            say(f"step {step:5d}  loss {running:.4f}  answers {answers:.4f}{early_part}  lr {lr:.2e}  {seconds:6.0f} s")
+            left = eta(seconds - tower_seconds, step + 1, args.steps)
+            say(
+                f"step {step:5d}  loss {running:.4f}  answers {answers:.4f}{early_part}  lr {lr:.2e}  {seconds:6.0f} s"
+                f"  (ETA {left})"
+            )
         if args.eval_every and step and step % args.eval_every == 0 and step < args.steps - 1:
             probe = validate(val_rows[: min(len(val_rows), 250)])
             say(f"step {step:5d}  val[:250] " + "  ".join(f"{t} {probe['acc_' + t]:.3f}" for t in shapesqa.TYPES))
