@@ -93,6 +93,79 @@ def tiny_vlm():
     return _MODEL["model"], _MODEL["processor"]
 
 
+# -- Qwen2-VL / Qwen2.5-VL ---------------------------------------------------------------------------------------------
+#: Qwen2-VL's chat template (as its checkpoints ship it): a default system turn, visuals where the content
+#: list puts them, then the generation prompt.
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: "
+    "{% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+#: Pixel budgets of the tiny Qwen processor (8-pixel patches merged 2 x 2: a token per 16 x 16 pixels): images of
+#: 48 x 40 grow to 176 x 160 (110 tokens), bigger ones stay within 256 x 256; 32 x 32 frames grow to 128 x 128.
+QWEN_IMAGE_PIXELS = (160 * 160, 256 * 256)
+QWEN_FRAME_PIXELS = (128 * 128, 128 * 128)
+
+
+def tiny_qwen_processor(family: str = "qwen2_vl"):
+    """A Qwen2-VL (or Qwen2.5-VL) processor over a word-level tokenizer whose special ids are the tiny
+    models' (pad 0, ``<|im_end|>`` = eos 2, image / video pads 120 / 121, vision start / end 122 / 123),
+    the PIL image processor and vtc's torchvision-free video processor, at the tiny towers' patch sizes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
+    from vtc.adapters.qwen2_vl import Qwen2VLAdapter as A
+    from vtc.eval.qwen import FrameVideoProcessor, assemble
+
+    specials = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "[UNK]": 3}
+    vocab = dict(specials)
+    for w in [*WORDS, "system", "user", "assistant", "You", "are", "helpful", "Picture", "Video"]:
+        vocab.setdefault(w, len(vocab))
+    vision = {"<|image_pad|>": A.IMAGE_TOKEN, "<|video_pad|>": A.VIDEO_TOKEN, "<|vision_start|>": A.START,
+              "<|vision_end|>": A.END}  # fmt: skip
+    assert len(vocab) < min(vision.values())
+    vocab.update(vision)
+    for i in set(range(128)) - set(vocab.values()):  # every id the tiny model can emit decodes to a word
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens([*specials, *vision])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="[UNK]",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )  # fmt: skip
+    sizes = dict(patch_size=A.PATCH, temporal_patch_size=A.TEMPORAL, merge_size=2)
+    lo, hi = QWEN_IMAGE_PIXELS
+    images = Qwen2VLImageProcessorPil(min_pixels=lo, max_pixels=hi, **sizes)
+    lo, hi = QWEN_FRAME_PIXELS
+    videos = FrameVideoProcessor(min_pixels=lo, max_pixels=hi, **sizes)
+    cls = Qwen2_5_VLProcessor if family == "qwen2_5_vl" else Qwen2VLProcessor
+    return assemble(cls, images, fast, videos, QWEN_CHAT_TEMPLATE)
+
+
+def tiny_qwen(family: str = "qwen2_vl"):
+    """(model, processor), cached: the adapters' tiny random Qwen2-VL / Qwen2.5-VL and a processor that fits it."""
+    if family not in _MODEL:
+        from vtc.adapters import ADAPTERS
+
+        model = ADAPTERS.get(family).tiny_model()
+        model.generation_config.eos_token_id = 2
+        model.generation_config.pad_token_id = 0
+        _MODEL[family] = (model, tiny_qwen_processor(family))
+    return _MODEL[family]
+
+
 # -- media ----------------------------------------------------------------------------------------------------
 def image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
     rng = np.random.default_rng(seed)

@@ -56,4 +56,14 @@ def load(name: str | Path, *, device: str = "auto", dtype: str = "auto") -> tupl
     where = pick_device(device)
     source = model_source(name)
     model = AutoModelForImageTextToText.from_pretrained(source, dtype=pick_dtype(dtype, where))
-    return model.to(where).eval(), AutoProcessor.from_pretrained(source)
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+    except ImportError:
+        from vtc.eval.qwen import QWEN_TYPES, processor_without_torchvision
+
+        model_type = getattr(model.config, "model_type", "")
+        if model_type not in QWEN_TYPES:
+            raise
+        # Qwen's video processor needs torchvision; vtc's own takes its place (vtc.eval.qwen)
+        processor = processor_without_torchvision(source, model_type)
+    return model.to(where).eval(), processor

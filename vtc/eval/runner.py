@@ -234,8 +234,9 @@ def run_task(
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             inputs = prepare(processor, task, batch, frames).to(device)
-            if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            for key in ("pixel_values", "pixel_values_videos"):  # the processor's float32 -> the model's dtype
+                if key in inputs and inputs[key].is_floating_point():
+                    inputs[key] = inputs[key].to(model.dtype)
             torch.manual_seed(seed)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)

@@ -1,7 +1,10 @@
 """Video frames for video QA: decord when installed, PyAV as the fallback.
 
 Frames are sampled uniformly over the whole clip, ``linspace(0, total - 1, n)`` rounded down, which is
-how lmms-eval samples Video-MME and MVBench for LLaVA and Qwen2-VL.
+how lmms-eval samples Video-MME and MVBench for LLaVA. Its Qwen2-VL model class samples in two steps
+instead: ``qwen_vl_utils`` first reads the clip at 2 frames per second, then ``linspace`` picks
+``max_num_frames`` of those, so for Qwen the frames vtc picks can differ from lmms-eval's by a frame or
+so. The frames reach Qwen's processor as arrays through ``videos=`` (``vtc.eval.qwen``).
 """
 
 from __future__ import annotations
