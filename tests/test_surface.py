@@ -31,6 +31,10 @@ INTERNAL_NAMES = (
     "cache_utils",
     "modeling_utils",
     "modeling_outputs",
+    "check_argument_for_proper_class",
+    "cached_file",
+    "image_processing_pil_qwen2_vl",
+    "video_utils",
 )
 
 

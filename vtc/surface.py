@@ -10,7 +10,9 @@ forking modeling code), so every such contact lives here, and the rest of vtc as
 - the KV cache: creating one, its per-layer keys and values, lengths, cropping;
 - transformers' mask functions (``create_causal_mask`` and its sliding-window twin);
 - ``AttentionInterface`` / ``AttentionMaskInterface`` and the attention implementation of a config;
-- the decoder layers' argument names and the text model's rotary embedding.
+- the decoder layers' argument names and the text model's rotary embedding;
+- for processors built without torchvision (Qwen's video side): Qwen's ``smart_resize``, video clip
+  metadata, a checkpoint's files, and a processor whose video part is not transformers' own class.
 
 Names are found by inspecting signatures, not by comparing version numbers, so a release that keeps the
 shape of the surface works whatever its number. ``check`` runs at ``vtc.wrap``: a surface it does not
@@ -277,6 +279,50 @@ def mrope_positions(vlm: nn.Module, input_ids: torch.Tensor, mm_token_type_ids: 
     ``video_grid_thw=``, ``attention_mask=``), for callers that feed it in pieces and pass positions."""
     positions, _ = vlm.get_rope_index(input_ids, mm_token_type_ids, **grids)
     return positions
+
+
+# -- processors -------------------------------------------------------------------------------------
+def qwen_smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's target size: both sides multiples of `factor`, area within the pixel budget."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def video_metadata(frames: int) -> Any:
+    """Metadata of a clip given as arrays: only its frame count (transformers then assumes 24 fps)."""
+    from transformers.video_utils import VideoMetadata
+
+    return VideoMetadata(total_num_frames=frames)
+
+
+def checkpoint_text(source: str, name: str) -> str | None:
+    """The text of file `name` of a checkpoint (a folder or a cached hub id), or None if it has none."""
+    from pathlib import Path
+
+    from transformers.utils import cached_file
+
+    path = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+    return Path(path).read_text(encoding="utf-8") if path else None
+
+
+def processor_with_video_part(cls: type, video_processor: Any, **parts: Any) -> Any:
+    """``cls(**parts, video_processor=...)``, accepting a video processor that is not transformers' class
+    (or None), which ``ProcessorMixin``'s argument check refuses; the result is an instance of `cls`."""
+    try:
+        return cls(**parts, video_processor=video_processor)
+    except (TypeError, ValueError, AttributeError):
+        pass
+
+    class Lenient(cls):  # type: ignore[misc, valid-type]
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument_name == "video_processor":
+                return type(argument)
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    processor = Lenient(**parts, video_processor=video_processor)
+    processor.__class__ = cls  # behave (and save) as the real class
+    return processor
 
 
 # -- the guard --------------------------------------------------------------------------------------

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 from transformers.utils import PushToHubMixin
+
+from vtc import surface
 
 #: Qwen2-VL's CLIP normalisation and its video processor's defaults (``video_preprocessor_config.json``).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -32,13 +33,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VIDEO_MIN_PIXELS = 128 * 28 * 28
 VIDEO_MAX_PIXELS = 768 * 28 * 28
 QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
-
-
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Qwen2-VL's target size: both sides multiples of `factor`, area within the pixel budget."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as resize
-
-    return resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
 class FrameVideoProcessor(PushToHubMixin):
@@ -93,7 +87,7 @@ class FrameVideoProcessor(PushToHubMixin):
             raise ValueError(f"a video must be [frames, height, width, 3] RGB; got shape {clip.shape}.")
         height, width = clip.shape[1:3]
         factor = self.patch_size * self.merge_size
-        h, w = smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
+        h, w = surface.qwen_smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
         frames = [
             np.asarray(Image.fromarray(f.astype(np.uint8)).resize((w, h), Image.BICUBIC), dtype=np.float32)
             for f in clip
@@ -137,11 +131,13 @@ class FrameVideoProcessor(PushToHubMixin):
         }
         out = BatchFeature(data, tensor_type=return_tensors)
         if return_metadata:  # Qwen2.5-VL reads each clip's sampled fps from it (for second_per_grid_ts)
-            out["video_metadata"] = video_metadata or [_metadata(len(v)) for v in videos]
+            out["video_metadata"] = video_metadata or [surface.video_metadata(len(v)) for v in videos]
         return out
 
     def get_num_of_video_patches(self, num_frames: int, height: int, width: int, videos_kwargs: Any = None) -> int:
-        h, w = smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+        h, w = surface.qwen_smart_resize(
+            height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels
+        )
         frames = num_frames + (-num_frames % self.temporal_patch_size)
         return frames // self.temporal_patch_size * (h // self.patch_size) * (w // self.patch_size)
 
@@ -159,47 +155,21 @@ class FrameVideoProcessor(PushToHubMixin):
         }
 
 
-def _metadata(frames: int) -> Any:
-    """Metadata of a clip given as arrays: no fps known, which transformers reads as 24 (as for any arrays)."""
-    from transformers.video_utils import VideoMetadata
-
-    return VideoMetadata(total_num_frames=frames)
-
-
 def assemble(cls: type, image_processor: Any, tokenizer: Any, video_processor: Any, chat_template: Any = None) -> Any:
     """``cls(image_processor, tokenizer, video_processor, chat_template)`` for a Qwen processor class,
     accepting a :class:`FrameVideoProcessor` (or ``None``) where transformers' class check would refuse it."""
-    try:
-        return cls(
-            image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-            chat_template=chat_template,
-        )  # fmt: skip
-    except (TypeError, ValueError, AttributeError):
-        pass
-
-    class Lenient(cls):  # type: ignore[misc, valid-type]
-        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
-            if argument_name == "video_processor":
-                return type(argument)
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    processor = Lenient(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-        chat_template=chat_template,
-    )  # fmt: skip
-    processor.__class__ = cls  # behave (and save) as the real class
-    return processor
+    return surface.processor_with_video_part(
+        cls, video_processor, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
+    )
 
 
 def processor_without_torchvision(source: str, model_type: str) -> Any:
     """A Qwen2-VL / Qwen2.5-VL processor from a checkpoint's files, built without torchvision:
     its tokenizer and chat template, the PIL image processor, and a :class:`FrameVideoProcessor`."""
     from transformers import AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil, Qwen2VLProcessor
-    from transformers.utils import cached_file
 
     def read(name: str) -> str | None:
-        path = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
-        return Path(path).read_text(encoding="utf-8") if path else None
+        return surface.checkpoint_text(source, name)
 
     # transformers 5.2x saves one processor_config.json holding every part; older saves kept them apart
     joint = json.loads(read("processor_config.json") or "{}")
