@@ -44,7 +44,7 @@ print("after remove:", handle)
 
 # -- part 2: the same call on a tiny random Qwen2-VL ------------------------------------------------
 qwen = Qwen2VLAdapter.tiny_model()
-samples = Qwen2VLAdapter.make_samples(qwen, batch=2)  # two rows of different lengths, one image each
+samples = Qwen2VLAdapter.make_samples(qwen, batch=2)  # two rows of different lengths, one random image each
 batch = Qwen2VLAdapter.collate(qwen, samples)  # left-padded ids, the images' patches and grids
 with vtc.apply(qwen, args.method, keep=args.keep) as qwen_handle, torch.no_grad():
     out = qwen.generate(**batch, max_new_tokens=4, do_sample=False)
