@@ -5,9 +5,10 @@ also carry a frame number, so pruning methods act on video tokens through the sa
 The model here is a tiny random Qwen2-VL built from the config vtc's tests use (no checkpoint is
 downloaded), so its answer is meaningless token ids: what the script shows is the plumbing and the
 statistics. With a real checkpoint, its ``AutoProcessor`` makes these inputs from the frames and the
-question; its video processor needs torchvision, so this script patchifies the frames itself, in the
-same layout. Without ``--video`` a synthetic clip (a shape crossing a textured scene) is written with
-PyAV and read back through ``vtc.eval.video.read_frames`` (decord or PyAV), as ``vtc eval`` reads clips.
+question; its video processor needs torchvision, so this script uses vtc's torchvision-free one
+(``vtc.eval.qwen.FrameVideoProcessor``, what ``vtc eval`` falls back to), which makes the same layout.
+Without ``--video`` a synthetic clip (a shape crossing a textured scene) is written with PyAV and read
+back through ``vtc.eval.video.read_frames`` (decord or PyAV), as ``vtc eval`` reads clips.
 
     python examples/video_qa.py
     python examples/video_qa.py --video clip.mp4 --frames 16 --method random --keep 64
@@ -26,6 +27,7 @@ from PIL import Image
 import vtc
 from vtc.adapters.qwen2_vl import Qwen2VLAdapter as Qwen
 from vtc.eval import shapesqa
+from vtc.eval.qwen import FrameVideoProcessor
 from vtc.eval.video import read_frames
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -70,15 +72,14 @@ else:
 frames = np.stack([np.asarray(Image.fromarray(f).resize((args.size, args.size))) for f in frames])
 print(f"{len(frames)} frames of {args.size}x{args.size} from {args.video or 'memory'}")
 
-# What Qwen2-VL's video processor does: CLIP normalisation, then 2-frame x 8 x 8 patches in merge-window order.
-x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
-x = (x - torch.tensor([0.4815, 0.4578, 0.4082])[:, None, None]) / torch.tensor([0.2686, 0.2613, 0.2758])[:, None, None]
-if len(x) % Qwen.TEMPORAL:
-    x = torch.cat([x, x[-1:]])  # pad to whole temporal patches by repeating the last frame
-t, side, m, p = len(x) // Qwen.TEMPORAL, args.size // Qwen.PATCH, 2, Qwen.PATCH
-x = x.reshape(t, Qwen.TEMPORAL, 3, side // m, m, p, side // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-pixel_values_videos = x.reshape(t * side * side, -1)
-n_tokens = t * side * side // (m * m)
+# What Qwen2-VL's video processor does (resize, CLIP normalisation, 2-frame patches in merge-window
+# order), in vtc's torchvision-free version of it that `vtc eval` uses on Qwen checkpoints.
+videos = FrameVideoProcessor(
+    min_pixels=args.size**2, max_pixels=args.size**2, patch_size=Qwen.PATCH, temporal_patch_size=Qwen.TEMPORAL
+)(frames, return_tensors="pt")
+t, rows, cols = videos["video_grid_thw"][0].tolist()
+m = 2  # the spatial merge
+n_tokens = t * rows * cols // (m * m)
 
 # Prompt ids: the tiny model has no tokenizer, so the question's words are stand-in ids.
 ids = torch.tensor([[5, 6, Qwen.START] + [Qwen.VIDEO_TOKEN] * n_tokens + [Qwen.END, 7, 8, 9, 10]])
@@ -86,15 +87,14 @@ inputs = {
     "input_ids": ids,
     "attention_mask": torch.ones_like(ids),
     "mm_token_type_ids": (ids == Qwen.VIDEO_TOKEN).long() * 2,  # 2 marks video tokens
-    "pixel_values_videos": pixel_values_videos,
-    "video_grid_thw": torch.tensor([[t, side, side]]),
+    **videos,
 }
 model = Qwen.tiny_model()
 with vtc.apply(model, args.method, keep=args.keep) as handle, torch.no_grad():
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     stats = handle.stats
 print("answer ids:", out[0, ids.shape[1] :].tolist())
-print(f"video tokens: {n_tokens} ({t} temporal patches of {side // m}x{side // m}) -> {stats.visual_per_layer[-1][0]}")
+print(f"video tokens: {n_tokens} ({t} temporal patches of {rows // m}x{cols // m}) -> {stats.visual_per_layer[-1][0]}")
 per_frame = np.bincount(stats.kept_visual()[0].numpy() // (n_tokens // t), minlength=t)
 print("kept per temporal patch:", per_frame.tolist())
 print(stats)
