@@ -221,6 +221,62 @@ class StageRecord:
 
 
 @dataclasses.dataclass
+class SpeculativeStats:
+    """What a speculative ``generate`` did (see ``vtc.methods.specdec``).
+
+    Attributes:
+        k: tokens drafted per round (the largest, when adaptive).
+        rounds: verify forwards of the target (each one EXTEND forward of up to k + 1 tokens).
+        tokens: new tokens per row (rows advance together; a finished row pads).
+        drafted: draft tokens proposed, summed over rounds.
+        accepted: draft tokens kept, summed over rounds (the same for every row: the batch's minimum).
+        row_accepted: per row, the draft tokens that row alone would have kept, summed over rounds.
+        draft_seconds / target_seconds / total_seconds: wall time in the draft's forwards, the target's
+            forwards (prefill included), and the whole call.
+    """
+
+    k: int
+    rounds: int = 0
+    tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    row_accepted: list[int] = dataclasses.field(default_factory=list)
+    draft_seconds: float = 0.0
+    target_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def tokens_per_target_forward(self) -> float:
+        """New tokens per target forward, the prefill (which yields the first token) included."""
+        return self.tokens / (self.rounds + 1) if self.tokens else 0.0
+
+    @property
+    def accepted_per_round(self) -> float:
+        """Tokens each verify forward added: accepted drafts plus the target's own token."""
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+
+    @property
+    def target_forwards_per_token(self) -> float:
+        return (self.rounds + 1) / self.tokens if self.tokens else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def draft_share(self) -> float:
+        """Share of the call's wall time spent in the draft."""
+        return self.draft_seconds / self.total_seconds if self.total_seconds else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"speculative k={self.k}: {self.tokens} tokens in {self.rounds + 1} target forwards "
+            f"({self.tokens_per_target_forward:.2f} per forward, {self.accepted_per_round:.2f} per verify), "
+            f"acceptance {self.acceptance_rate:.1%}, draft {self.draft_share:.1%} of the time"
+        )
+
+
+@dataclasses.dataclass
 class TokenStats:
     """Statistics of the last prefill (and the decode steps that followed it).
 
@@ -253,6 +309,8 @@ class TokenStats:
     prepass_tokens_per_layer: list[list[int]] = dataclasses.field(default_factory=list)
     cache_tokens_per_layer: list[list[int]] = dataclasses.field(default_factory=list)
     dims: ModelDims | None = dataclasses.field(default=None, repr=False)
+    #: Set by speculative decoding after its ``generate`` returns.
+    speculative: SpeculativeStats | None = None
 
     @property
     def batch_size(self) -> int:
@@ -300,6 +358,8 @@ class TokenStats:
         if self.dims is not None:
             f = self.flops
             lines.append(f"prefill FLOPs {f.prefill:.4g} vs dense {f.prefill_dense:.4g} ({f.prefill_ratio:.1%})")
+        if self.speculative is not None:
+            lines.append(self.speculative.summary())
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -182,6 +182,16 @@ class Adapter:
         return False
 
     # -- positions --------------------------------------------------------------------------------
+    def prompt_positions(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """The position ids a prompt's tokens take (``[B, L]``; pads get 0), for callers that feed the
+        model in pieces and pass positions (a decoding loop); text after the prompt continues from
+        ``positions.amax(...) + 1`` in each row."""
+        return (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+
+    def text_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Further arguments a forward of text tokens only needs besides ids, mask and positions."""
+        return {}
+
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Rotary ``(cos, sin)`` of the text model for ``[B, L]`` positions (or the family's own layout)."""
         return surface.rotary(self.text_model, hidden, positions)

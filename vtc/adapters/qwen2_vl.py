@@ -135,6 +135,19 @@ class Qwen2VLAdapter(Adapter):
                 item, start = item + 1, start + n
                 media_in_row[b] += 1
 
+    def prompt_positions(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """M-RoPE position ids ``[3, B, L]`` of a whole prompt (images and videos by their grids)."""
+        ids = inputs["input_ids"]
+        types = inputs.get("mm_token_type_ids")
+        if types is None:
+            config = self.model.config
+            types = (ids == config.image_token_id).long() + 2 * (ids == config.video_token_id).long()
+        grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None}
+        return surface.mrope_positions(self.vlm, ids, types, attention_mask=inputs.get("attention_mask"), **grids)
+
+    def text_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"mm_token_type_ids": torch.zeros_like(input_ids)}
+
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """M-RoPE embeddings; 1-D positions (a renumbered sequence) number all three rows alike."""
         if positions.dim() == 2:

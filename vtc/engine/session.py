@@ -52,6 +52,16 @@ class BoundAdapter:
     def run_extra(self, **kwargs: Any) -> Any:
         return self._session().run_extra(**kwargs)
 
+    @property
+    def stats(self) -> TokenStats:
+        """The session's statistics (a new object after each prefill)."""
+        return self._session().stats
+
+    @property
+    def methods(self) -> tuple[Any, ...]:
+        """The session's methods in pipeline order."""
+        return tuple(self._session().pipeline.methods)
+
 
 class Session:
     """One wrap's pipeline, its forward in progress, and its statistics.

@@ -9,6 +9,7 @@ from vtc.methods import (  # noqa: F401  (registration)
     mustdrop,
     random,
     sparsevlm,
+    specdec,
     var,
 )
 from vtc.methods.dart import DART, DARTConfig

@@ -1,0 +1,199 @@
+"""Speculative decoding: exactly the target's greedy output with every kind of draft, the sampling rule's
+distribution, composition with pruning, and clear errors for drafts the target cannot verify."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import batch_for, tiny
+
+import vtc
+from vtc.adapters import ADAPTERS
+from vtc.errors import MethodConflictError
+from vtc.methods.speculative import accept_greedy, accept_sampling, warp
+
+FAMILIES = ["llava", "qwen2_vl"]
+GREEDY = {"max_new_tokens": 10, "min_new_tokens": 10, "do_sample": False}
+_DRAFTS: dict = {}
+
+
+def text_lm(vocab: int = 128, seed: int = 3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.1,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def draft(family: str, kind: str):
+    """Drafts of every kind, cached: a copy of the target, a smaller VLM of the family, a text LM."""
+    key = (family, kind)
+    if key not in _DRAFTS:
+        if kind == "copy":
+            _DRAFTS[key] = copy.deepcopy(tiny(family))
+        elif kind == "small_vlm":
+            _DRAFTS[key] = ADAPTERS.get(family).tiny_model(seed=1, num_layers=2)
+        else:
+            _DRAFTS[key] = text_lm()
+    return _DRAFTS[key]
+
+
+def speculative(target, inputs, spec, **settings):
+    with vtc.apply(target, spec) as handle, torch.no_grad():
+        out = target.generate(**inputs, **settings)
+        return out, handle.stats.speculative
+
+
+@pytest.mark.parametrize("kind", ["copy", "small_vlm", "text_lm"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_output_is_the_targets_for_every_draft(family, kind):
+    target = tiny(family)
+    inputs, _ = batch_for(target, family, images=[1, 1], batch=2)
+    with torch.no_grad():
+        expected = target.generate(**inputs, **GREEDY)
+    config = vtc.resolve("specdec", draft=draft(family, kind), k=3)
+    out, stats = speculative(target, inputs, config, **GREEDY)
+    assert torch.equal(out, expected)
+    assert stats.tokens == 10 and stats.rounds >= 3
+    if kind == "copy":  # the target drafting for itself: every drafted token is kept
+        assert stats.acceptance_rate == 1.0 and stats.rounds == 3  # 1 + 3 rounds of (3 kept + 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_row_of_a_padded_batch_equals_its_batch_1_run(family):
+    target = tiny(family)
+    inputs, samples = batch_for(target, family, images=[1, 1], batch=2)
+    config = vtc.resolve("specdec", draft=draft(family, "small_vlm"), k=4)
+    batched, _ = speculative(target, inputs, config, **GREEDY)
+    for row, sample in enumerate(samples):
+        alone, _ = speculative(target, ADAPTERS.get(family).collate(target, [sample]), config, **GREEDY)
+        assert torch.equal(batched[row, -10:], alone[0, -10:])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_with_dart_on_the_target_it_equals_dart_alone(family):
+    target = tiny(family)
+    inputs, _ = batch_for(target, family, images=[1, 1], batch=2)
+    with vtc.apply(target, "dart.r64"), torch.no_grad():
+        expected = target.generate(**inputs, **GREEDY)
+    config = vtc.resolve("specdec", draft=draft(family, "copy"), k=3)
+    out, stats = speculative(target, inputs, ["dart.r64", config], **GREEDY)
+    assert torch.equal(out, expected)
+    assert stats.rounds >= 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_draft_pruned_by_its_own_session_keeps_the_output_exact(family):
+    target = tiny(family)
+    small = draft(family, "small_vlm")
+    inputs, _ = batch_for(target, family, images=[1, 1], batch=2)
+    with torch.no_grad():
+        expected = target.generate(**inputs, **GREEDY)
+    with vtc.apply(small, "dart.r64", layer=1) as draft_handle:
+        out, _ = speculative(target, inputs, vtc.resolve("specdec", draft=small, k=3), **GREEDY)
+        pruned = draft_handle.stats.stages
+    assert torch.equal(out, expected)
+    assert pruned and sum(pruned[0].visual_after) < sum(pruned[0].visual_before)  # the draft saw fewer tokens
+
+
+def test_eos_ends_rows_where_the_target_ends_them():
+    """No min_new_tokens: a row ends at its EOS, pads after it, and generation stops when all rows ended."""
+    target = tiny("llava")
+    inputs, _ = batch_for(target, "llava", images=[1, 1], batch=2)
+    with torch.no_grad():
+        free = target.generate(**inputs, max_new_tokens=12, do_sample=False)
+    width = inputs["input_ids"].shape[1]
+    eos = int(free[0, width + 4])  # a token row 0 emits fifth: make it the EOS
+    settings = {"max_new_tokens": 12, "do_sample": False, "eos_token_id": eos, "pad_token_id": 0}
+    with torch.no_grad():
+        expected = target.generate(**inputs, **settings)
+    out, _ = speculative(target, inputs, vtc.resolve("specdec", draft=draft("llava", "copy"), k=4), **settings)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sampling_with_top_k_1_is_greedy(family):
+    """The sampling path end to end: with one candidate per step it must reproduce greedy decoding."""
+    target = tiny(family)
+    inputs, _ = batch_for(target, family, images=[1, 1], batch=2)
+    with torch.no_grad():
+        expected = target.generate(**inputs, **GREEDY)
+    settings = {**GREEDY, "do_sample": True, "top_k": 1, "temperature": 0.7}
+    out, stats = speculative(target, inputs, vtc.resolve("specdec", draft=draft(family, "text_lm"), k=3), **settings)
+    assert torch.equal(out, expected)
+
+
+# -- the rules on toy distributions ------------------------------------------------------------------
+def chi_square(samples: torch.Tensor, probs: torch.Tensor) -> float:
+    counts = torch.bincount(samples, minlength=len(probs)).double()
+    expected = probs.double() * len(samples)
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_speculative_sampling_draws_from_the_target_distribution():
+    """Every emitted token (first and second) follows p, whatever q drafted: chi-square at a fixed seed,
+    and the same statistic is far over the line for tokens drawn from q (a rule that keeps every draft)."""
+    g = torch.Generator().manual_seed(0)
+    n, k = 40_000, 2
+    p = torch.tensor([[0.40, 0.25, 0.15, 0.12, 0.08], [0.05, 0.10, 0.20, 0.30, 0.35], [0.2] * 5])
+    q = torch.tensor([[0.10, 0.10, 0.50, 0.20, 0.10], [0.30, 0.30, 0.20, 0.10, 0.10]])
+    drafted = torch.stack([torch.multinomial(q[i], n, replacement=True, generator=g) for i in range(k)], dim=1)
+    kept, tokens = accept_sampling(drafted, q.expand(n, -1, -1), p.expand(n, -1, -1), generator=g)
+    first = torch.where(kept >= 1, drafted[:, 0], tokens[:, 0])
+    second = torch.where(kept >= 2, drafted[:, 1], tokens[:, 1])
+    critical = 18.47  # chi-square, 4 degrees of freedom, p = 0.001
+    assert chi_square(first, p[0]) < critical
+    assert chi_square(second[kept >= 1], p[1]) < critical  # p here does not depend on the prefix
+    assert chi_square(drafted[:, 0], p[0]) > 50 * critical
+    assert bool((kept <= k).all()) and bool((kept == 0).any()) and bool((kept == k).any())
+
+
+def test_greedy_rule_keeps_the_agreeing_prefix():
+    logits = torch.full((2, 4, 6), -1.0)
+    for row, best in enumerate([[3, 4, 5, 1], [3, 0, 5, 2]]):
+        logits[row, torch.arange(4), torch.tensor(best)] = 1.0
+    kept, tokens = accept_greedy(torch.tensor([[3, 4, 5], [3, 4, 5]]), logits)
+    assert kept.tolist() == [3, 1] and tokens[0, 3] == 1 and tokens[1, 1] == 0
+
+
+def test_warp_matches_transformers_warpers():
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    reference = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(20)(None, TemperatureLogitsWarper(0.7)(None, logits)))
+    assert torch.equal(warp(logits, 0.7, 20, 0.8).isinf(), reference.isinf())
+    torch.testing.assert_close(warp(logits, 0.7, 20, 0.8).softmax(-1), reference.softmax(-1))
+
+
+# -- refusals -------------------------------------------------------------------------------------------
+def test_drafts_the_target_cannot_verify_are_refused_at_wrap():
+    target = tiny("llava")
+    with pytest.raises(ValueError, match="vocabulary has 64 tokens and the target's 128"):
+        vtc.wrap(target, "specdec", draft=text_lm(vocab=64))
+    with pytest.raises(ValueError, match="must be of the target's family"):
+        vtc.wrap(target, "specdec", draft=tiny("qwen2_vl"))
+    with pytest.raises(ValueError, match="the target model itself"):
+        vtc.wrap(target, "specdec", draft=target)
+    with pytest.raises(ValueError, match="needs a draft model"):
+        vtc.wrap(target, "specdec")
+    with pytest.raises(ValueError, match="k must be"):
+        vtc.wrap(target, "specdec", draft=text_lm(), k=0)
+    with pytest.raises(MethodConflictError, match="decoding"):
+        vtc.wrap(target, [vtc.resolve("specdec", draft=text_lm()), "deco"])
+    assert "generate" not in target.__dict__  # nothing was left behind
+
+
+def test_beam_search_is_refused_by_name():
+    target = tiny("llava")
+    inputs, _ = batch_for(target, "llava", images=[1, 1], batch=2)
+    with vtc.apply(target, "specdec", draft=draft("llava", "copy")), pytest.raises(ValueError, match="num_beams"):
+        target.generate(**inputs, max_new_tokens=3, num_beams=2)

@@ -1,0 +1,218 @@
+"""Speculative decoding for VLMs: a draft proposes k tokens, the target verifies them in one forward.
+
+``vtc.wrap(model, "specdec", draft=draft_model, k=4)``; stock ``model.generate(...)`` then decodes
+speculatively and returns what the target alone returns under greedy decoding (token for token), and
+the same distribution under sampling (the speculative-sampling rule, see ``vtc.methods.speculative``).
+The draft is a smaller VLM of the family (pruned by its own vtc session if wrapped) or a text-only LM
+with the target's tokenizer (``vtc.methods.drafts``). The target may carry pruning methods: their
+prefill stages run as they do under stock generate, so ``["dart.r64", "specdec"]`` equals DART alone.
+
+Each round: the draft drafts ``k`` tokens; the target runs one EXTEND forward over the token it emitted
+last plus the drafts; the longest agreeing prefix is kept plus the target's next token; both caches are
+cropped to what was kept (``CacheView.crop``). Rows of a batch advance together by the smallest kept
+prefix: still exact, since every row's kept tokens agree with its target (rows stop at their own EOS).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from vtc import surface
+from vtc.config import MethodConfig, check_int
+from vtc.engine.cache import CacheView
+from vtc.errors import MethodConflictError
+from vtc.method import HookPoint, Method, register_method
+from vtc.methods.drafts import make_draft
+from vtc.methods.speculative import accept_greedy, accept_sampling, warp
+from vtc.state import SpeculativeStats
+
+#: generate() settings this loop implements; anything else that asks for more is refused by name.
+REFUSED = {"num_beams": 1, "num_return_sequences": 1, "return_dict_in_generate": False, "output_scores": False}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SpecDecConfig(MethodConfig):
+    """Settings of speculative decoding.
+
+    Attributes:
+        draft: the draft model (required): a smaller VLM of the target's family, or a causal LM with the
+            target's tokenizer.
+        k: tokens drafted per round (1..16).
+    """
+
+    draft: nn.Module | None = None
+    k: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("specdec", "k", self.k, 1, 16)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "draft": type(self.draft).__name__}  # a model is not JSON
+
+
+@register_method
+class SpecDec(Method):
+    """The speculative decoding loop, installed as the model's ``generate``."""
+
+    name = "specdec"
+    config_cls = SpecDecConfig
+    hooks = frozenset({HookPoint.GENERATE})
+    prunes = False
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def bind(self, adapter: Any) -> None:
+        super().bind(adapter)
+        if self.config.draft is None:
+            raise ValueError("specdec needs a draft model: vtc.wrap(model, 'specdec', draft=draft_model, k=4).")
+        make_draft(self.config.draft, adapter)  # refuse a draft the target cannot verify now, at wrap
+
+    def generate(self, target: Any, stock: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args:
+            kwargs = {"input_ids": args[0], **kwargs}
+        extending = [m.name for m in target.methods if m.extends]
+        if extending:
+            raise MethodConflictError(
+                f"specdec verifies drafts in extend forwards, which {', '.join(extending)} would prune; "
+                "use it without them, or without specdec."
+            )
+        settings, inputs = _split(target.model, kwargs)
+        with torch.no_grad():
+            return Loop(target, make_draft(self.config.draft, target), self.config.k, settings).run(inputs)
+
+
+def _split(model: nn.Module, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(generation settings, model inputs) from generate's keyword arguments."""
+    settings = copy.deepcopy(kwargs.pop("generation_config", None) or model.generation_config)
+    inputs = settings.update(**kwargs)  # returns what is not a generation setting
+    for name, plain in REFUSED.items():
+        if getattr(settings, name, plain) not in (plain, None):
+            raise ValueError(f"specdec decodes one sequence per row greedily or by sampling; drop {name}.")
+    for name in ("streamer", "logits_processor", "stopping_criteria", "assistant_model", "prefix_allowed_tokens_fn"):
+        if inputs.pop(name, None) is not None:
+            raise ValueError(f"specdec runs its own loop and does not take {name}; generate without specdec for it.")
+    if "input_ids" not in inputs or "attention_mask" not in inputs:
+        raise ValueError("specdec needs input_ids and attention_mask (what the processor returns).")
+    return settings, inputs
+
+
+class Loop:
+    """One speculative generate call."""
+
+    def __init__(self, target: Any, draft: Any, k: int, settings: Any) -> None:
+        self.target, self.draft, self.k, self.settings = target, draft, k, settings
+        self.model = target.model
+        eos = settings.eos_token_id
+        self.eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos))
+        pad = settings.pad_token_id
+        self.pad = pad if pad is not None else (int(self.eos[0]) if len(self.eos) else 0)
+        self.sample = bool(settings.do_sample)
+        self.stats = SpeculativeStats(k=k)
+
+    def _max_new(self, prompt: int) -> int:
+        s = self.settings
+        return s.max_new_tokens if s.max_new_tokens is not None else max(0, s.max_length - prompt)
+
+    def distribution(self, logits: torch.Tensor, number: int) -> torch.Tensor:
+        """What token `number` (1 = the first new one) is chosen from, given ``[B, V]`` logits: the
+        logits with EOS barred before ``min_new_tokens`` (greedy), or the warped probabilities."""
+        logits = logits.float()
+        if len(self.eos) and number <= (self.settings.min_new_tokens or 0):
+            logits = logits.index_fill(-1, self.eos.to(logits.device), float("-inf"))
+        if not self.sample:
+            return logits
+        s = self.settings
+        return warp(logits, s.temperature or 1.0, s.top_k or 0, s.top_p or 1.0).softmax(-1)
+
+    def choose(self, logits: torch.Tensor, number: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token `number` ``[B]`` and the distribution it was chosen from."""
+        d = self.distribution(logits, number)
+        return (torch.multinomial(d, 1).squeeze(1) if self.sample else d.argmax(-1)), d
+
+    def target_forward(self, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        out = self.model(**kwargs)
+        self.stats.target_seconds += time.perf_counter() - started
+        return out
+
+    def run(self, inputs: dict[str, Any]) -> torch.Tensor:
+        started = time.perf_counter()
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        batch, width = ids.shape
+        max_new = self._max_new(width)
+        positions = self.target.prompt_positions(inputs)
+        out = self.target_forward(**inputs, position_ids=positions, use_cache=True)
+        cache = surface.output_cache(out)
+        view = CacheView(cache, surface.num_cache_layers(cache))
+        shape = positions.shape[:-2]
+        next_pos = positions.reshape(-1, batch, width).amax(dim=(0, 2)) + 1
+        pending = self.choose(out.logits[:, -1], 1)[0][:, None]
+        new = [pending]
+        done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+        done |= torch.isin(pending[:, 0], self.eos.to(ids.device))
+        generated = 1
+        self.stats.row_accepted = [0] * batch
+        if max_new > 1:
+            t0 = time.perf_counter()
+            self.draft.start(inputs, pending)
+            self.stats.draft_seconds += time.perf_counter() - t0
+        while generated < max_new and not bool(done.all()):
+            k = min(self.k, max_new - generated - 1)
+            t0 = time.perf_counter()
+            drafted, q = self.draft.propose(k, lambda logits, i, g=generated: self.choose(logits, g + 1 + i))
+            self.stats.draft_seconds += time.perf_counter() - t0
+            chunk = torch.cat([pending, drafted], dim=1)
+            step = next_pos[:, None] + torch.arange(k + 1, device=ids.device)
+            verify = self.target_forward(
+                input_ids=chunk, attention_mask=torch.cat([mask, torch.ones_like(chunk)], dim=1),
+                position_ids=step.expand(*shape, *step.shape), use_cache=True,
+                **self.target.text_inputs(chunk), **surface.cache_kwargs(self.model, cache),
+            )  # fmt: skip
+            kept, tokens = self.verify(drafted, q, verify.logits, generated)
+            n = int(kept[~done].min()) if bool((~done).any()) else 0
+            emitted = torch.cat([drafted[:, :n], tokens[:, n : n + 1]], dim=1)
+            for b in range(batch):
+                self.stats.row_accepted[b] += int(kept[b])
+            view.crop(view.columns - (k - n))  # keep pending and the n kept drafts
+            mask = torch.cat([mask, torch.ones_like(emitted)], dim=1)
+            next_pos = next_pos + n + 1
+            self.draft.commit(n, drafted, emitted[:, -1:], k)
+            emitted = torch.where(done[:, None], self.pad, emitted)  # rows that ended earlier pad
+            is_eos = torch.isin(emitted, self.eos.to(ids.device)).long()
+            emitted = torch.where(is_eos.cumsum(1) - is_eos > 0, self.pad, emitted)  # and after their EOS
+            done |= is_eos.bool().any(dim=1)
+            new.append(emitted)
+            pending = emitted[:, -1:]
+            generated += n + 1
+            self.stats.rounds += 1
+            self.stats.drafted += k
+            self.stats.accepted += n
+        self.stats.tokens = generated
+        self.stats.total_seconds = time.perf_counter() - started
+        self.target.stats.speculative = self.stats
+        return self._trim(torch.cat([ids, *new], dim=1), width)
+
+    def verify(self, drafted: torch.Tensor, q: torch.Tensor, logits: torch.Tensor, generated: int):
+        """(kept per row, tokens) by the greedy or the sampling rule, on logits processed like `choose`'s."""
+        steps = [self.distribution(logits[:, i], generated + 1 + i) for i in range(logits.shape[1])]
+        processed = torch.stack(steps, dim=1)
+        if not self.sample:
+            return accept_greedy(drafted, processed)
+        return accept_sampling(drafted, q, processed)
+
+    def _trim(self, sequences: torch.Tensor, width: int) -> torch.Tensor:
+        """Drop the columns after every row has ended (stock generate stops there too)."""
+        if not len(self.eos):
+            return sequences
+        tail = sequences[:, width:]
+        ended = torch.isin(tail, self.eos.to(tail.device))
+        if not bool(ended.any(dim=1).all()):
+            return sequences
+        last = int(ended.long().argmax(dim=1).max())
+        return sequences[:, : width + last + 1]
