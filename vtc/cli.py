@@ -229,6 +229,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lmms_task(args: argparse.Namespace) -> int:
+    from vtc.eval.lmms_task import TASK, export
+
+    path = export(args.folder, rows=args.rows, split=args.split)
+    print(f"wrote {path} and {args.rows} {args.split} rows; run it with")
+    run = "lmms_eval --model vtc --model_args pretrained=reference,method=dense"
+    print(f"  {run} --tasks {TASK} --include_path {args.folder}")
+    return 0
+
+
 def _task_names() -> str:
     from vtc.eval.tasks import TASKS
 
@@ -323,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bfloat16 on a GPU, float32 on a CPU")  # fmt: skip
     p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("lmms-task", help="write ShapesQA as a local lmms-eval task (scored by vtc's scorer)")
+    p.add_argument("folder", help="where the task YAML and its data go (lmms_eval --include_path FOLDER)")
+    p.add_argument("--rows", type=int, default=100, help="ShapesQA questions to write")
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.set_defaults(func=cmd_lmms_task)
 
     p = sub.add_parser("report", help="markdown table and plots from a runs folder")
     p.add_argument("runs", help="the folder `vtc eval --out` wrote")

@@ -91,11 +91,3 @@ def test_kept_patches_plot(tmp_path) -> None:
     assert 0 < len(kept) < 256 and max(kept) < 256  # patch indices of the 16 x 16 grid
     path = plot_kept_patches(image(0), kept, (16, 16), tmp_path / "kept.png")
     assert path.exists()
-
-
-def test_lmms_bridge_registers() -> None:
-    pytest.importorskip("lmms_eval")
-    from vtc.eval.lmms import VTC, manifest
-
-    assert manifest().model_id == "vtc"
-    assert VTC.is_simple
