@@ -21,7 +21,8 @@ from vtc.engine import attention
 from vtc.flops import planned_counts
 from vtc.method import get_method
 
-METHOD_NAMES = vtc.list_methods()
+# Methods that run from their name alone (speculative decoding needs a draft model: tests/methods/test_specdec.py).
+METHOD_NAMES = [m for m in vtc.list_methods() if not get_method(m).required_settings]
 SPECS = [s for s in vtc.list_methods(presets=True) if "." in s and not s.endswith(".noop")]
 # One pruning preset per method, for properties of the method's code rather than of a budget.
 ONE_PER_METHOD = [f"{m}.{next(p for p in get_method(m).presets if p != 'noop')}" for m in METHOD_NAMES]

@@ -57,6 +57,9 @@ class Method:
     #: The method's stages (and their taps) also act in extend forwards: new tokens over a non-empty
     #: cache, such as a later image in a chat or a streamed video chunk. They then see only the new tokens.
     extends: ClassVar[bool] = False
+    #: Settings without a usable default that a user must give (speculative decoding's draft model);
+    #: the method cannot run from its name alone.
+    required_settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: MethodConfig) -> None:
         if not isinstance(config, self.config_cls):

@@ -124,7 +124,7 @@ def test_sampling_with_top_k_1_is_greedy(family):
     with torch.no_grad():
         expected = target.generate(**inputs, **GREEDY)
     settings = {**GREEDY, "do_sample": True, "top_k": 1, "temperature": 0.7}
-    out, stats = speculative(target, inputs, vtc.resolve("specdec", draft=draft(family, "text_lm"), k=3), **settings)
+    out, _ = speculative(target, inputs, vtc.resolve("specdec", draft=draft(family, "text_lm"), k=3), **settings)
     assert torch.equal(out, expected)
 
 

@@ -65,6 +65,7 @@ class SpecDec(Method):
     config_cls = SpecDecConfig
     hooks = frozenset({HookPoint.GENERATE})
     prunes = False
+    required_settings = ("draft",)
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def bind(self, adapter: Any) -> None:
