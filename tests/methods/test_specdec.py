@@ -15,7 +15,7 @@ from vtc.errors import MethodConflictError
 from vtc.methods.speculative import accept_greedy, accept_sampling, warp
 
 FAMILIES = ["llava", "qwen2_vl"]
-GREEDY = {"max_new_tokens": 10, "min_new_tokens": 10, "do_sample": False}
+GREEDY = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}
 _DRAFTS: dict = {}
 
 
@@ -59,9 +59,9 @@ def test_greedy_output_is_the_targets_for_every_draft(family, kind):
     config = vtc.resolve("specdec", draft=draft(family, kind), k=3)
     out, stats = speculative(target, inputs, config, **GREEDY)
     assert torch.equal(out, expected)
-    assert stats.tokens == 10 and stats.rounds >= 3
+    assert stats.tokens == 8 and stats.rounds >= 2
     if kind == "copy":  # the target drafting for itself: every drafted token is kept
-        assert stats.acceptance_rate == 1.0 and stats.rounds == 3  # 1 + 3 rounds of (3 kept + 1)
+        assert stats.acceptance_rate == 1.0 and stats.rounds == 2  # 1 from the prefill, 3 + 1, then 2 + 1
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -72,7 +72,7 @@ def test_each_row_of_a_padded_batch_equals_its_batch_1_run(family):
     batched, _ = speculative(target, inputs, config, **GREEDY)
     for row, sample in enumerate(samples):
         alone, _ = speculative(target, ADAPTERS.get(family).collate(target, [sample]), config, **GREEDY)
-        assert torch.equal(batched[row, -10:], alone[0, -10:])
+        assert torch.equal(batched[row, -8:], alone[0, -8:])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -84,10 +84,10 @@ def test_with_dart_on_the_target_it_equals_dart_alone(family):
     config = vtc.resolve("specdec", draft=draft(family, "copy"), k=3)
     out, stats = speculative(target, inputs, ["dart.r64", config], **GREEDY)
     assert torch.equal(out, expected)
-    assert stats.rounds >= 3
+    assert stats.rounds >= 2
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["llava"])  # Qwen's pruned draft: the same code path (its own session)
 def test_a_draft_pruned_by_its_own_session_keeps_the_output_exact(family):
     target = tiny(family)
     small = draft(family, "small_vlm")
@@ -116,7 +116,7 @@ def test_eos_ends_rows_where_the_target_ends_them():
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["qwen2_vl"])  # one family: sampling runs the loop greedy runs on both
 def test_sampling_with_top_k_1_is_greedy(family):
     """The sampling path end to end: with one candidate per step it must reproduce greedy decoding."""
     target = tiny(family)
