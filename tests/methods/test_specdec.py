@@ -64,6 +64,19 @@ def test_greedy_output_is_the_targets_for_every_draft(family, kind):
         assert stats.acceptance_rate == 1.0 and stats.rounds == 2  # 1 from the prefill, 3 + 1, then 2 + 1
 
 
+def test_adaptive_k_grows_while_drafts_are_kept_and_stays_exact():
+    target = tiny("llava")
+    inputs, _ = batch_for(target, "llava", images=[1, 1], batch=2)
+    with torch.no_grad():
+        expected = target.generate(**inputs, **GREEDY)
+    config = vtc.resolve("specdec", draft=draft("llava", "copy"), k=1, adaptive=True)
+    out, stats = speculative(target, inputs, config, **GREEDY)
+    assert torch.equal(out, expected)
+    # tokens: 1 from the prefill, k=1 gives 1 + 1, k=3 gives 3 + 1, then one left: a plain verify
+    assert stats.rounds == 3 and stats.drafted == 4 and stats.k == 5  # k went 1 -> 3 -> 5
+    assert stats.acceptance_rate == 1.0
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_row_of_a_padded_batch_equals_its_batch_1_run(family):
     target = tiny(family)

@@ -32,6 +32,7 @@ from vtc.methods.drafts import make_draft
 from vtc.methods.speculative import accept_greedy, accept_sampling, warp
 from vtc.state import SpeculativeStats
 
+MAX_K = 16
 #: generate() settings this loop implements; anything else that asks for more is refused by name.
 REFUSED = {"num_beams": 1, "num_return_sequences": 1, "return_dict_in_generate": False, "output_scores": False}
 
@@ -43,15 +44,18 @@ class SpecDecConfig(MethodConfig):
     Attributes:
         draft: the draft model (required): a smaller VLM of the target's family, or a causal LM with the
             target's tokenizer.
-        k: tokens drafted per round (1..16).
+        k: tokens drafted per round (1..16); with `adaptive`, the first round's.
+        adaptive: after a round whose drafts were all kept draft two more next time, otherwise one fewer
+            (at least 1, at most 16): transformers' "heuristic" schedule for assisted generation.
     """
 
     draft: nn.Module | None = None
     k: int = 4
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("specdec", "k", self.k, 1, 16)
+        check_int("specdec", "k", self.k, 1, MAX_K)
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "draft": type(self.draft).__name__}  # a model is not JSON
@@ -85,7 +89,9 @@ class SpecDec(Method):
             )
         settings, inputs = _split(target.model, kwargs)
         with torch.no_grad():
-            return Loop(target, make_draft(self.config.draft, target), self.config.k, settings).run(inputs)
+            loop = Loop(target, make_draft(self.config.draft, target), self.config.k, settings)
+            loop.adaptive = self.config.adaptive
+            return loop.run(inputs)
 
 
 def _split(model: nn.Module, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -115,6 +121,7 @@ class Loop:
         self.pad = pad if pad is not None else (int(self.eos[0]) if len(self.eos) else 0)
         self.sample = bool(settings.do_sample)
         self.stats = SpeculativeStats(k=k)
+        self.adaptive = False
 
     def _max_new(self, prompt: int) -> int:
         s = self.settings
@@ -194,6 +201,9 @@ class Loop:
             self.stats.rounds += 1
             self.stats.drafted += k
             self.stats.accepted += n
+            if self.adaptive and k:
+                self.k = min(MAX_K, self.k + 2) if n == k else max(1, self.k - 1)
+                self.stats.k = max(self.stats.k, self.k)
         self.stats.tokens = generated
         self.stats.total_seconds = time.perf_counter() - started
         self.target.stats.speculative = self.stats
