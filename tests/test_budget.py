@@ -183,3 +183,33 @@ def test_realign_reads_values_with_trailing_dimensions_by_input_position():
     tapped = torch.arange(6)[None]
     index = torch.tensor([[0, 3, 5]])
     assert realign(values, tapped, index).tolist() == [[[0.0, 1.0], [6.0, 7.0], [10.0, 11.0]]]
+
+
+PRUNERS = [m for m in vtc.list_methods() if get_method(m).prunes]
+# Stages whose counts depend on the input are switched off, so that every count is the budget's.
+FIXED = {"focusllava": {"vision_sampler": None}, "mustdrop": {"merge": "off", "key_set": False}}
+
+
+@pytest.mark.parametrize("method", PRUNERS)
+def test_every_pruner_takes_keep_keep_ratio_and_the_paper_presets(family, method):
+    """keep=N and keep_ratio leave the counts they promise on every row; the presets r192 / r128 / r64 exist."""
+    model = tiny(family)
+    inputs, samples = batch_for(model, family)
+    adapter = adapter_for(model)
+    for form in ({"keep": 40}, {"keep_ratio": 0.25}, "r192", "r128", "r64"):
+        spec, settings = (method, form) if isinstance(form, dict) else (f"{method}.{form}", {})
+        config = vtc.resolve(spec, **settings, **FIXED.get(method, {}))
+        with vtc.apply(model, config) as handle, torch.no_grad():
+            model(**forward_inputs(family, inputs))
+        for row, sample in enumerate(samples):
+            n = int(adapter.visual_mask(sample["input_ids"], None).sum())
+            text = sample["input_ids"].shape[1] - n
+            got = [v[row] for v in handle.stats.visual_per_layer]
+            assert got == get_method(method)(config).plan([n] * len(got), text), (spec, settings)
+            if method == "sparsevlm" and "keep" in settings:  # its reading of a count: the paper's schedule
+                promised = get_method(method)(vtc.resolve(method, keep_ratio=40 / n)).plan([n] * len(got), 0)
+                assert got == promised
+            elif "keep" in settings:
+                assert got[-1] == min(40, n), (spec, got)
+            elif settings and method != "sparsevlm":  # SparseVLM's keep_ratio: the interpolated schedule (plan)
+                assert got[-1] == int(n * 0.25), (spec, got)

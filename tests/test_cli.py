@@ -42,7 +42,7 @@ def test_demo_runs_small(tmp_path, capsys):
     args = ["demo", "--model", str(tmp_path), "--methods", "dart,random", "--rows", "10", "--repeats", "1"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    for setting in ("dense", "dart keep=48", "dart keep=32", "dart keep=16", "random keep=16"):
+    for setting in ("dense", "192/576 dart keep=48", "128/576 dart keep=32", "64/576 dart keep=16", "random keep=16"):
         assert setting in out
     dense = next(line for line in out.splitlines() if line.strip().startswith("dense"))
     assert "100.0%" in dense  # FLOPs of dense relative to dense

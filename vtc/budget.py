@@ -97,6 +97,7 @@ class Budget:
         *,
         paper: Rule | None = None,
         ratio: Rule | None = None,
+        keep: Rule | None = None,
         at_least: torch.Tensor | int = 0,
     ) -> torch.Tensor:
         """Visual tokens to keep in units that hold `n` (any shape, one count per unit).
@@ -106,13 +107,15 @@ class Budget:
             paper: the method's rule for a paper budget (required when ``paper`` is set).
             ratio: the method's reading of a fraction, where its paper defines one (SparseVLM interpolates
                 between its schedules); None rounds ``n * ratio`` down.
+            keep: the method's reading of a count, where its paper defines one (SparseVLM reads ``keep=N``
+                as its schedule for a budget of N); None keeps N.
             at_least: a floor per unit that the method needs (still capped at `n`).
 
         Returns:
             ``n``'s shape: ``min(max(target, at_least), n)``, never negative.
         """
         if self.kind == "keep":
-            target = torch.full_like(n, self.keep)
+            target = keep(n) if keep is not None else torch.full_like(n, self.keep)
         elif self.kind == "ratio":
             target = ratio(n) if ratio is not None else torch.floor(n.double() * self.ratio).long()
         else:

@@ -83,6 +83,7 @@ class Pipeline:
         if len(prepasses) > 1:
             raise MethodConflictError(f"{' and '.join(prepasses)} each need their own pre-pass; use one of them.")
         self.prepass_layer: int | None = next(iter(prepasses.values()), None)
+        self._prepass_owner = next((m for m in self.methods if m.name in prepasses), None)
         trims = [r for m in self.methods if (r := m.cache_trim_from(num_layers)) is not None]
         self.cache_trim_from: int | None = min(trims, default=None)
         if self._edits and self.cache_trim_from is not None:
@@ -92,6 +93,10 @@ class Pipeline:
                 f"{', '.join(m.name for m in self.methods if m.cache_trim_from(num_layers) is not None)} "
                 f"re-orders after the prefill; use a pruning method that keeps its KV cache."
             )
+
+    def needs_prepass(self, state: VisualTokenState) -> bool:
+        """Whether this prefill runs the pre-pass: its owner may know that no row can lose a token."""
+        return self._prepass_owner is not None and self._prepass_owner.needs_prepass(state)
 
     def bind_vision(self, num_layers: int) -> None:
         """Index the methods' vision-tower stages and taps for a tower of `num_layers` layers."""

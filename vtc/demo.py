@@ -27,19 +27,61 @@ def pruning_methods() -> list[str]:
     return [m for m in vtc.list_methods() if get_method(m).prunes]
 
 
-def at_budget(method: str, fraction: float, n_visual: int) -> Any:
-    """``method`` keeping ``fraction`` of ``n_visual`` visual tokens: by count, by ratio, or by its preset."""
-    from vtc.config import resolve
-    from vtc.method import get_method
+#: Methods are compared at matched prefill FLOPs: a budget's target is the FLOPs of `ANCHOR` keeping that many
+#: visual tokens (from its layer 2 on), and each method gets the `keep` whose planned FLOPs come nearest.
+ANCHOR = "dart"
+#: Rows of one budget must lie within this many points of prefill FLOPs of the target.
+TOLERANCE = 0.10
+#: Data-dependent stages left out of the plan: their window merges only remove tokens, so the plan is an
+#: upper bound on the FLOPs, and the table prints what was measured.
+UNPLANNED = {"mustdrop": {"merge": "off"}, "focusllava": {"vision_sampler": None}}
 
-    fields = {f.name for f in dataclasses.fields(get_method(method).config_cls)}
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A method's setting at one budget: its config, the budget's FLOPs target and its planned FLOPs."""
+
+    config: Any
+    budget: str  # the budget as the papers state it, e.g. "64/576"
+    target: float  # prefill FLOPs relative to dense that the budget stands for
+    planned: float  # the config's planned prefill FLOPs relative to dense
+    matched: bool  # within TOLERANCE of the target (False: unreachable, e.g. GemFilter's pre-pass)
+
+
+def planned_ratio(dims: Any, config: Any, n_visual: int, text_tokens: int) -> float:
+    """Planned prefill FLOPs of `config` relative to dense, for one prompt of that many tokens."""
+    from vtc.measure import flops
+
+    config = dataclasses.replace(config, **UNPLANNED.get(config.method, {}))
+    return flops(dims, config, visual_tokens=n_visual, text_tokens=text_tokens).prefill_ratio
+
+
+def at_budget(method: str, fraction: float, n_visual: int, dims: Any, text_tokens: int) -> Setting:
+    """``method`` at the prefill FLOPs of keeping ``fraction`` of ``n_visual`` visual tokens (see `ANCHOR`).
+
+    Every pruner takes ``keep=N``; the N whose planned FLOPs are nearest the target is chosen (ties: the
+    N nearest the budget's count). When no N comes within `TOLERANCE` (GemFilter's pre-pass on a shallow
+    model), the method keeps the budget's count and the setting says it is unmatched.
+    """
+    from vtc.config import resolve
+
     keep = round(fraction * n_visual)
-    if "keep" in fields:
-        return resolve(method, keep=keep)
-    if "keep_ratio" in fields:  # the ratio is floored to a count: aim at the middle of the count's interval
-        return resolve(method, keep_ratio=(keep + 0.5) / n_visual)
-    preset = {BUDGETS[0]: "r192", BUDGETS[1]: "r128", BUDGETS[2]: "r64"}[fraction]  # threshold methods
-    return resolve(f"{method}.{preset}")
+    target = planned_ratio(dims, resolve(ANCHOR, keep=keep), n_visual, text_tokens)
+    best: tuple[tuple[float, int], Any, float] | None = None
+    for k in range(n_visual + 1):
+        try:
+            config = resolve(method, keep=k)
+        except ValueError:  # below the method's floor (DART's pivots)
+            continue
+        ratio = planned_ratio(dims, config, n_visual, text_tokens)
+        if best is None or (abs(ratio - target), abs(k - keep)) < best[0]:
+            best = ((abs(ratio - target), abs(k - keep)), config, ratio)
+    (gap, _), config, ratio = best
+    matched = gap <= TOLERANCE
+    if not matched:
+        config = resolve(method, keep=keep)
+        ratio = planned_ratio(dims, config, n_visual, text_tokens)
+    return Setting(config, f"{round(fraction * 576)}/576", target, ratio, matched)
 
 
 def label(config: Any) -> str:
@@ -55,6 +97,7 @@ def label(config: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     """Answer a ShapesQA split dense and pruned; print accuracy, FLOPs, time and tokens kept."""
     import vtc
+    from vtc.adapters import adapter_for
     from vtc.bench import format_rows, nothing, time_round_robin
     from vtc.eval import shapesqa
     from vtc.progress import bar
@@ -66,27 +109,33 @@ def run(args: argparse.Namespace) -> int:
     model, processor = reference.load(args.model)
     n_visual = model.config.image_seq_length
     methods = args.methods.split(",") if args.methods else pruning_methods()
-    configs = [None] + [at_budget(m.strip(), f, n_visual) for m in methods for f in BUDGETS]
     with tempfile.TemporaryDirectory() as root:
         shapesqa.write_split(root, "test", args.rows)
         rows = shapesqa.read_split(root, "test")
+        timing_batch = evaluate.inputs_for(processor, rows[: args.batch_size], root)
+        text_tokens = round(float(timing_batch["attention_mask"].sum(dim=1).double().mean()) - n_visual)
+        dims = adapter_for(model).dims()
+        settings = [None] + [at_budget(m.strip(), f, n_visual, dims, text_tokens) for f in BUDGETS for m in methods]
         print(
             f"vtc demo: the reference LLaVA ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
             f"{n_visual} visual tokens per image) on {len(rows)} held-out ShapesQA questions, "
-            f"dense and {len(configs) - 1} pruned settings."
+            f"dense and {len(settings) - 1} pruned settings at matched prefill FLOPs."
         )
-        timing_batch = evaluate.inputs_for(processor, rows[: args.batch_size], root)
         results, providers = [], {}
-        shown = bar(len(configs) * len(rows), "answering", unit="q", enabled=not getattr(args, "quiet", False))
-        for config in configs:
-            name = "dense" if config is None else label(config)
+        shown = bar(len(settings) * len(rows), "answering", unit="q", enabled=not getattr(args, "quiet", False))
+        for setting in settings:
+            config = None if setting is None else setting.config
+            name = "dense" if config is None else f"{setting.budget} {label(config)}"
+            if setting is not None and not setting.matched:
+                name += " (pre-pass: unmatched)"
             with vtc.apply(model, config if config is not None else "dart.noop") as handle:
                 preds = evaluate.predict(model, processor, rows, root, batch_size=args.batch_size)
                 with torch.no_grad():
                     model(**timing_batch, logits_to_keep=1)  # the stats of one prefill of the timing batch
                 stats = handle.stats
             kept = [sum(row) / len(row) for row in stats.visual_per_layer]
-            results.append((name, shapesqa.score(rows, preds), stats.flops, kept[-1], sum(kept) / len(kept)))
+            target = 1.0 if setting is None else setting.target
+            results.append((name, shapesqa.score(rows, preds), stats.flops, target, kept[-1], sum(kept) / len(kept)))
 
             def prefill(batch=timing_batch) -> None:
                 with torch.no_grad():
@@ -100,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
 
     dense = results[0][1]
     table = []
-    for name, metrics, flops, last, average in results:
+    for name, metrics, flops, target, last, average in results:
         table.append(
             {
                 "method": name,
@@ -108,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
                 "rel": metrics["accuracy"] / max(dense["accuracy"], 1e-9),
                 **{t: metrics.get(f"acc_{t}", float("nan")) for t in shapesqa.TYPES},
                 "flops": flops.prefill_ratio,
+                "target": target,
                 "ms": timings[name].median_ms,
                 "speedup": timings["dense"].median_ms / timings[name].median_ms,
                 "last": last,
@@ -120,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         ("rel", "vs dense", ".1%"),
         *[(t, t, ".0%") for t in shapesqa.TYPES],
         ("flops", "prefill FLOPs", ".1%"),
+        ("target", "budget's", ".1%"),
         ("ms", "prefill ms", ".1f"),
         ("speedup", "speedup", ".2f"),
         ("last", "visual kept", ".1f"),
@@ -128,8 +179,10 @@ def run(args: argparse.Namespace) -> int:
     print(format_rows(table, columns))
     print(
         f"Accuracy: greedy answers to the four question types, exact match; describe: the description names "
-        f"exactly the scene's objects. Prefill FLOPs: decoder, papers' "
-        f"formula, relative to dense. Time: median of {args.repeats} prefills of {len(timing_batch['input_ids'])} "
+        f"exactly the scene's objects. Prefill FLOPs: decoder, papers' formula, relative to dense, measured; "
+        f"budget's: the FLOPs of {ANCHOR} keeping the budget's share of the visual tokens, which every method's "
+        f"keep is chosen to match (within {TOLERANCE:.0%} points, planned; a row marked unmatched cannot reach it). "
+        f"Time: median of {args.repeats} prefills of {len(timing_batch['input_ids'])} "
         f"prompts. Visual kept: tokens entering the last layer (of {n_visual}); layer avg: averaged over layers. "
         f"{time.perf_counter() - started:.0f} s."
     )

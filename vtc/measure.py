@@ -61,7 +61,8 @@ def flops(
     counts, dense = planned_counts(dims, bound, visual_tokens, text_tokens)
     per_image = [visual_tokens // images] * images if images else []
     prepass = [r for m in bound if (r := m.prepass_layer(dims.num_layers)) is not None]
-    prepass_rows = [[dense[0]] * (prepass[0] + 1)] if prepass else []
+    # A pre-pass runs only when some token goes (GemFilter skips it per forward otherwise).
+    prepass_rows = [[dense[0]] * (prepass[0] + 1)] if prepass and counts != dense else []
     return report(dims, [counts], [dense], per_image, decode_steps, formula, prepass_rows)
 
 

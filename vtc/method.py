@@ -102,6 +102,10 @@ class Method:
         """
         return None
 
+    def needs_prepass(self, state: VisualTokenState) -> bool:
+        """Whether this prefill (its input `state`) needs the pre-pass; False skips it, e.g. when no row can drop."""
+        return True
+
     def plan(self, visual_per_layer: list[int], text_tokens: int) -> list[int]:
         """Visual tokens entering each layer after this method, for one sequence, without running the model.
 

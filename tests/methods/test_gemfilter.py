@@ -9,8 +9,9 @@ from conftest import batch_for, forward_inputs, generate, text_inputs, tiny
 import vtc
 from vtc import surface
 from vtc.adapters import ADAPTERS, adapter_for
+from vtc.flops import ModelDims
 from vtc.method import AttentionCall
-from vtc.methods.gemfilter import GemFilterConfig, last_query_scores
+from vtc.methods.gemfilter import GemFilter, GemFilterConfig, last_query_scores
 from vtc.state import VisualTokenState
 
 
@@ -122,9 +123,9 @@ def test_prepass_writes_no_cache_and_counts_in_flops(family):
     full, kept = inputs["input_ids"].shape[1], stats.tokens_per_layer[0][0]
     assert kept == full - (256 - 64)
     assert surface.layer_lengths(cache) == [kept] * 4
-    assert stats.prepass_tokens_per_layer == [[full]] * 3  # layers 0..2 (r = 2 of 4) ran on everything
+    assert stats.prepass_tokens_per_layer == [[full]] * 2  # layers 0..1 (r = floor(13/32 x 4) = 1) ran on everything
     dims = handle.adapter.dims()
-    expected = 4 * dims.layer_macs(kept, kept) + 3 * dims.layer_macs(full, full)
+    expected = 4 * dims.layer_macs(kept, kept) + 2 * dims.layer_macs(full, full)
     assert stats.flops.prefill == expected
 
 
@@ -152,3 +153,46 @@ def test_stats_flops_compare_with_the_whole_prompt(family):
             filtered = handle.stats.flops
     assert filtered.per_layer_dense == dense.per_layer
     assert filtered.prefill < dense.prefill_dense
+
+
+def test_default_scope_selects_visual_tokens_and_keeps_the_question(family):
+    """The VLM adaptation is the default; the text-LLM paper's scope is the preset `gemfilter.literal`."""
+    model = tiny(family)
+    inputs, samples = batch_for(model, family, batch=1)
+    text = ~adapter_for(model).visual_mask(samples[0]["input_ids"], None)[0]
+    for spec, keeps_text in [("gemfilter", True), ("gemfilter.literal", False)]:
+        with vtc.apply(model, spec, keep=16) as handle, torch.no_grad():
+            model(**inputs)
+        kept = torch.zeros_like(text)
+        kept[handle.stats.stages[0].kept_tokens[0]] = True
+        assert bool(kept[text].all()) == keeps_text, spec  # literal: some text scores below the image
+        assert int(kept.sum()) == len(text) - (int((~text).sum()) - 16)  # both drop Nv - keep tokens
+    assert vtc.resolve("gemfilter").scope == "visual" and vtc.resolve("gemfilter.literal").scope == "all"
+
+
+def test_no_prepass_when_no_row_can_drop(family):
+    """keep >= every row's visual tokens: neither the pre-pass nor the stage runs, and it is the model exactly."""
+    model = tiny(family)
+    inputs, _ = batch_for(model, family)
+    with torch.no_grad():
+        dense = model(**forward_inputs(family, inputs)).logits
+        with vtc.apply(model, "gemfilter", keep=10_000) as handle:
+            logits = model(**forward_inputs(family, inputs)).logits
+            stats = handle.stats
+    assert stats.prepass_tokens_per_layer == [] and stats.stages == []
+    assert stats.flops.prefill_ratio == 1.0
+    assert torch.equal(logits, dense)
+    assert vtc.flops(model, vtc.resolve("gemfilter", keep=10_000), visual_tokens=256).prefill_ratio == 1.0
+
+
+@pytest.mark.parametrize("num_layers,layer", [(4, 1), (28, 11), (32, 13)])
+def test_default_layer_is_at_or_before_13_of_32_so_a_shallow_model_saves_flops(num_layers, layer):
+    """The paper's depth fraction, rounded down: on 4 layers r = 1, and the demo's budgets cost less than dense."""
+    dims = ModelDims("m", num_layers, 192, 512, 6, 2, 32, 64)
+    assert GemFilter(vtc.resolve("gemfilter")).filter_layer(num_layers) == layer
+    if num_layers == 4:  # the reference model's depth: 144 visual and 15 text tokens, 48 / 32 / 16 kept
+        for keep in (48, 32, 16):
+            assert (
+                vtc.flops(dims, vtc.resolve("gemfilter", keep=keep), visual_tokens=144, text_tokens=15).prefill_ratio
+                < 1
+            )

@@ -147,4 +147,46 @@ def test_qwen_has_no_tower_stage_or_cls_and_says_so():
 
 def test_counts_are_data_dependent_so_analytic_flops_refuse():
     with pytest.raises(ValueError, match=r"handle\.stats"):
-        vtc.flops("llava-1.5-7b", "mustdrop.r64")
+        vtc.flops("llava-1.5-7b", "mustdrop.t64")
+
+
+def test_a_budget_is_the_dual_rule_at_the_smallest_threshold_scale_that_meets_it(family):
+    """keep=N keeps exactly N, and the same tokens as the paper's rule with both thresholds scaled per row."""
+    model = tiny(family)
+    _, samples = batch_for(model, family, batch=2)
+    tau_g, tau_i, k = 0.004, 0.006, 40
+    config = MustDropConfig(**OFF, layers=(1,), global_threshold=tau_g, individual_threshold=tau_i, keep=k)
+    for sample in samples:
+        with torch.no_grad():
+            attention = tiny(family, attn="eager")(**sample, output_attentions=True).attentions[1][0]
+        visual = adapter_for(model).visual_mask(sample["input_ids"], None)[0]
+        vis = visual.nonzero().flatten()
+        text = torch.tensor([i for i in range(len(visual)) if not visual[i] and i > vis[0]])
+        block = attention.mean(dim=0)[text][:, vis].double()
+        g, m = block.sum(dim=0), block.amax(dim=0)
+
+        def kept(s: float, g: torch.Tensor = g, m: torch.Tensor = m) -> torch.Tensor:
+            return ~((g < s * tau_g * g.sum()) & (m < s * tau_i))
+
+        lo, hi = 0.0, 1e6  # search the scale: the smallest that keeps at most k
+        for _ in range(200):
+            lo, hi = (lo, (lo + hi) / 2) if int(kept((lo + hi) / 2).sum()) <= k else ((lo + hi) / 2, hi)
+        with vtc.apply(model, config) as handle, torch.no_grad():
+            model(**sample)
+        assert int(kept(hi).sum()) == k
+        assert torch.equal(handle.stats.kept_visual()[0], kept(hi).nonzero().flatten())
+
+
+def test_budget_stages_step_down_geometrically_to_the_budget_and_presets_share_it(family):
+    model = tiny(family)
+    inputs, samples = batch_for(model, family)
+    for spec, settings in [("mustdrop", {"keep_ratio": 0.1}), ("mustdrop.r64", {})]:
+        config = vtc.resolve(spec, **OFF, layers=(0, 1, 2), **settings)
+        with vtc.apply(model, config) as handle, torch.no_grad():
+            model(**inputs)
+        for row in range(len(samples)):
+            n = handle.stats.visual_per_layer[0][row]
+            final = int(n * 0.1) if settings else min(64, n)
+            steps = [round(n * (final / n) ** (j / 3)) for j in (1, 2, 3)]
+            assert [v[row] for v in handle.stats.visual_per_layer] == [n, *steps]
+    assert vtc.resolve("mustdrop.t64").global_threshold == 0.011 and vtc.resolve("mustdrop.t64").keep is None

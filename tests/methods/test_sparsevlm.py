@@ -12,7 +12,7 @@ from vtc.method import get_method
 from vtc.methods.attention import raters
 from vtc.methods.recycling import density_peak_clusters, recycle
 from vtc.methods.sparsevlm import SparseVLMConfig
-from vtc.methods.sparsevlm_schedule import SCHEDULES, interpolated_schedule
+from vtc.methods.sparsevlm_schedule import SCHEDULES, interpolated_schedule, rank_keep
 from vtc.state import VisualTokenState
 
 
@@ -192,6 +192,7 @@ def test_stats_report_the_layer_averaged_budget(family):
         ({"budget": 100}, r"one of the paper's \[64, 96, 128, 192\]"),
         ({"budget": 64, "keep_ratio": 0.2}, "only one of"),
         ({"schedule": (10, 5), "layers": (1,)}, "one count per pruning layer"),
+        ({"keep": -1}, "keep must be an integer"),
         ({"recycle_ratio": 1.5}, "recycle_ratio"),
         ({"rank_adaptive": True, "keep_ratio": 0.3}, "rank_scale and rank_bias"),
     ],
@@ -206,3 +207,51 @@ def test_layers_out_of_range_name_the_fix():
         vtc.wrap(tiny("llava"), "sparsevlm", layers=(3,))
     with pytest.raises(ValueError, match=r"use 0\.\.3"):
         vtc.wrap(tiny("llava"), "sparsevlm", layers=(9,))
+
+
+def test_v1_rank_mode_prunes_after_layers_2_6_15_19_as_its_official_code():
+    v1 = get_method("sparsevlm")(SparseVLMConfig(budget=128, rank_adaptive=True))
+    v15 = get_method("sparsevlm")(SparseVLMConfig(budget=128))
+    assert v1.scored_layers(32) == (2, 6, 15, 19) and v15.scored_layers(32) == (2, 6, 15)
+
+
+def test_an_explicit_rank_bias_of_zero_is_used():
+    ranks = torch.tensor([3, 10])
+    config = SparseVLMConfig(budget=128, rank_adaptive=True, rank_bias=0.0)  # the script's bias for 128 is 6
+    assert rank_keep(ranks, config).tolist() == [27, 90]
+    assert rank_keep(ranks, SparseVLMConfig(budget=128, rank_adaptive=True)).tolist() == [33, 96]
+
+
+@pytest.mark.parametrize("rank_adaptive", [False, True])
+def test_stages_landing_on_one_layer_merge_on_a_shallow_model(rank_adaptive):
+    """On 3 layers 6 and 15 (of 32) both land on layer 1: one stage with the later count, no error."""
+    model = tiny("llava", num_layers=3)
+    inputs, _ = batch_for(model, "llava", batch=1)
+    settings = {"budget": 128, "rank_adaptive": rank_adaptive, "recycle": False}
+    with vtc.apply(model, "sparsevlm", **settings) as handle, torch.no_grad():
+        model(**inputs)
+    assert [s.layer for s in handle.stats.stages] == [1, 2]
+    if not rank_adaptive:
+        n = handle.stats.visual_per_layer[0][0]
+        assert handle.stats.visual_per_layer[2][0] == round(SCHEDULES[128][2] * n / 576)  # 36 of 576, not 110
+
+
+def test_layers_that_do_not_match_the_schedule_say_what_to_pass():
+    with pytest.raises(ValueError, match=r"layers=\(1, 2\) gives 2 pruning layers .* pass schedule= with 2 counts"):
+        vtc.wrap(tiny("llava"), "sparsevlm", layers=(1, 2))
+
+
+def test_keep_reads_as_the_papers_schedule_for_that_budget(family):
+    """keep=N is the schedule of keep_ratio N / (the row's visual tokens): keep=192 of 576 is budget 192."""
+    method = get_method("sparsevlm")
+    assert method(vtc.resolve("sparsevlm", keep=192)).plan([576] * 32, 64) == method(
+        vtc.resolve("sparsevlm.r192")
+    ).plan([576] * 32, 64)
+    model = tiny(family)
+    inputs, samples = batch_for(model, family)
+    with vtc.apply(model, "sparsevlm", keep=40) as handle, torch.no_grad():
+        model(**inputs)
+    for row, sample in enumerate(samples):
+        n = int(adapter_for(model).visual_mask(sample["input_ids"], None).sum())
+        planned = method(vtc.resolve("sparsevlm", keep_ratio=40 / n)).plan([n] * 4, 0)
+        assert [v[row] for v in handle.stats.visual_per_layer] == planned

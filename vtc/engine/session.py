@@ -195,7 +195,7 @@ class Session:
                 self.stats = TokenStats(dims=self.stats.dims)
                 self.stats.image_tokens = self.adapter.image_token_counts(visual)
                 self.pipeline.on_forward_start()
-            if self.pipeline.prepass_layer is not None:
+            if self.pipeline.prepass_layer is not None and self.pipeline.needs_prepass(state):
                 self._run_prepass(kwargs, self.pipeline.prepass_layer)
         elif not self._in_extra:
             self.stats.decode_steps += 1

@@ -23,7 +23,8 @@ from vtc.config import MethodConfig, check_int
 from vtc.method import AttentionCall, AttentionScoredPruner, HookPoint, LayerContext, Selection, register_method
 from vtc.methods.layers import resolve_layer
 
-# The paper filters at layer 13 of LLaMA-3.1-8B's 32; without a layer, vtc takes the same depth fraction.
+# The paper filters at layer 13 of LLaMA-3.1-8B's 32; without a layer, vtc takes the deepest layer at or
+# before the same depth fraction (floor: 13 of 32, 11 of 28, 1 of 4), so a shallow model's pre-pass stays short.
 PAPER_DEPTH = 13 / 32
 
 
@@ -32,11 +33,12 @@ class GemFilterConfig(MethodConfig):
     """Settings of GemFilter. ``keep`` or ``keep_ratio`` set how many tokens stay (default keep 128).
 
     Attributes:
-        layer: filter layer r (its last-token query scores the prompt); None = 13/32 of the depth.
+        layer: filter layer r (its last-token query scores the prompt); None = floor(13/32 of the depth).
         keep: visual tokens' worth kept per row: a row with Nv visual tokens drops ``Nv - keep`` tokens.
         keep_ratio: the same as a fraction of each row's visual tokens.
-        scope: ``"all"`` (the paper: the dropped tokens are the lowest-scored of the whole prompt, the last
-            token excepted) or ``"visual"`` (only visual tokens compete; text is kept).
+        scope: ``"visual"`` (the default, the VLM adaptation: only visual tokens compete; all text stays) or
+            ``"all"`` (the text-LLM paper literally, preset ``gemfilter.literal``: the dropped tokens are the
+            lowest-scored of the whole prompt, the last token excepted, so the question can lose words).
         positions: ``"fresh"`` (the paper: the kept tokens are renumbered 0..n-1) or ``"original"``.
         pool_kernel: width of the average pool over scores (odd).
     """
@@ -46,7 +48,7 @@ class GemFilterConfig(MethodConfig):
     layer: int | None = None
     keep: int | None = None
     keep_ratio: float | None = None
-    scope: Literal["all", "visual"] = "all"
+    scope: Literal["all", "visual"] = "visual"
     positions: Literal["fresh", "original"] = "fresh"
     pool_kernel: int = 5
 
@@ -94,6 +96,7 @@ class GemFilter(AttentionScoredPruner):
         "r192": {"keep": 192},
         "r128": {"keep": 128},
         "r64": {"keep": 64},
+        "literal": {"scope": "all"},  # the text-LLM paper's scope: the whole prompt competes
         "noop": {"keep_ratio": 1.0},
     }
 
@@ -104,11 +107,12 @@ class GemFilter(AttentionScoredPruner):
         self.filter_layer(adapter.num_layers)  # validates the layer against this model
 
     def filter_layer(self, num_layers: int) -> int:
-        layer = self.config.layer if self.config.layer is not None else round(PAPER_DEPTH * num_layers)
+        layer = self.config.layer if self.config.layer is not None else int(PAPER_DEPTH * num_layers)
         return resolve_layer("gemfilter", "layer", layer, num_layers)
 
     # The pre-pass taps layer r and the stage prunes the real forward's input; keep_ratio 1.0 can never
-    # drop a token, so nothing runs then (not even the pre-pass).
+    # drop a token, so nothing runs then (not even the pre-pass). A `keep` of at least every row's visual
+    # tokens is found per forward (`needs_prepass`), and then neither the pre-pass nor the stage runs.
     def prune_layers(self, num_layers: int) -> tuple[int, ...]:
         return () if self.budget.keeps_everything else (0,)
 
@@ -117,6 +121,14 @@ class GemFilter(AttentionScoredPruner):
 
     def prepass_layer(self, num_layers: int) -> int | None:
         return None if self.budget.keeps_everything else self.filter_layer(num_layers)
+
+    def _drops(self, state) -> torch.Tensor:
+        """``[B]`` tokens each row drops: its visual tokens less what the budget keeps of them."""
+        n_visual = state.num_visual()
+        return n_visual - self.budget.resolve(n_visual)
+
+    def needs_prepass(self, state) -> bool:
+        return bool((self._drops(state) > 0).any())
 
     def tapped_for(self, layer_idx: int) -> int:
         return self.filter_layer(self.adapter.num_layers)
@@ -135,9 +147,10 @@ class GemFilter(AttentionScoredPruner):
 
     def num_keep(self, ctx: LayerContext, present: torch.Tensor) -> torch.Tensor:
         # A row drops as many tokens as its visual budget removes, from whatever competes.
-        n_visual = ctx.state.num_visual()  # [B]
-        drop = n_visual - self.budget.resolve(n_visual)
-        return present - drop[:, None]  # [B, 1]
+        return present - self._drops(ctx.state)[:, None]  # [B, 1]
+
+    def select(self, ctx: LayerContext) -> Selection | torch.Tensor | None:
+        return super().select(ctx) if self.needs_prepass(ctx.state) else None  # nothing to drop: no pre-pass ran
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         scores = super().score(ctx)

@@ -1,13 +1,9 @@
 """MustDrop (Liu et al., arXiv 2411.10803): drop visual tokens at every stage of the model's life.
 
-Three stages, each switchable: (1) vision: after the tower's first layer, 3 x 3 windows of nearly
-identical patches (mean pairwise cosine >= 0.8) merge into one token, and the *key set*, the 8% of
-patches the CLS token attends to most in the tower's last layer, is protected from every later drop;
-(2) prefill: after LLM layers 2, 6, 10, 14 a "dual attention" filter drops a visual token when the
-text's total attention to it is small (below tau_g of the total) and no text token attends to it much
-(max below tau_i), so counts vary per sample; (3) decode: the KV caches of the layers from the first
-filter on keep only the tokens that reached the end ("output-aware" cache). See docs/METHODS.md for
-where each stage sits on each model family and what differs from the official code.
+(1) Vision: 3 x 3 windows of nearly identical tower patches merge, and the CLS token's most attended 8%
+(the *key set*) is protected; (2) prefill: after LLM layers 2, 6, 10, 14 (of 32) the dual-attention rule
+drops visual tokens the text barely attends to, by thresholds or at a budget (``vtc.methods.dual``);
+(3) decode: layers from the first filter on cache only the final tokens. See docs/METHODS.md.
 """
 
 from __future__ import annotations
@@ -17,17 +13,12 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from vtc.config import MethodConfig, check_fraction, check_int, check_layers
-from vtc.method import (
-    AttentionCall,
-    AttentionScoredPruner,
-    HookPoint,
-    LayerContext,
-    Selection,
-    VisionContext,
-    register_method,
-)
+from vtc.budget import check_budget
+from vtc.config import MethodConfig
+from vtc.contexts import AttentionCall, LayerContext, Selection, VisionContext
+from vtc.method import AttentionScoredPruner, HookPoint, register_method
 from vtc.methods.attention import text_after_image, visual_attention
+from vtc.methods.dual import check_settings, dual_keep, planned_counts, stage_counts
 from vtc.methods.layers import output_layers
 from vtc.methods.tower import cls_key_set, merge_tower_windows, place_tower_stages, tower_to_llm
 from vtc.methods.windows import merge_grids
@@ -47,13 +38,16 @@ class MustDropConfig(MethodConfig):
         merge_threshold: a window merges when its mean pairwise cosine similarity is at least this.
         merge_after: the tower layer whose output is merged.
         key_set: protect the CLS token's most attended patches; None = where the tower has a CLS token.
-        key_ratio: share of the patches in the key set (rounded up).
-        filter: run the dual-attention filter in the LLM.
+        key_ratio: share of the patches in the key set (rounded up). filter: run the LLM's filter.
         layers: filter after these LLM layers; None = the paper's 2, 6, 10, 14 of 32, scaled to the depth.
-        global_threshold: tau_g: drop if the text's total attention is below tau_g of all visual tokens'...
-        individual_threshold: tau_i: ...and no text token's attention (head mean) reaches tau_i.
+        global_threshold, individual_threshold: tau_g, tau_i: drop if the text's total attention is below
+            tau_g of all visual tokens' and no text token's attention (head mean) reaches tau_i.
+        keep, keep_ratio: a budget instead: N (or a share) of each row's visual tokens after the last filter
+            stage, earlier stages stepping down geometrically; each stage scales both thresholds per row.
         cache_trim: after the prefill, layers from the first filter on cache only the final tokens.
     """
+
+    exclusive = (("keep", "keep_ratio"),)
 
     merge: Literal["auto", "tower", "embeddings", "off"] = "auto"
     merge_window: int = 3
@@ -66,19 +60,15 @@ class MustDropConfig(MethodConfig):
     global_threshold: float = 0.001
     individual_threshold: float = 0.001
     cache_trim: bool = True
+    keep: int | None = None
+    keep_ratio: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.merge not in ("auto", "tower", "embeddings", "off"):
-            raise ValueError(f"mustdrop: merge must be 'auto', 'tower', 'embeddings' or 'off'; got {self.merge!r}.")
-        check_int("mustdrop", "merge_window", self.merge_window, 2)
-        if not -1.0 <= self.merge_threshold <= 1.0:
-            raise ValueError(f"mustdrop: merge_threshold is a cosine in [-1, 1]; got {self.merge_threshold!r}.")
-        check_int("mustdrop", "merge_after", self.merge_after, 0)
-        check_fraction("mustdrop", "key_ratio", self.key_ratio)
-        for name in ("global_threshold", "individual_threshold"):
-            check_fraction("mustdrop", name, getattr(self, name), closed_low=True)
-        check_layers("mustdrop", self.layers)
+        check_budget(self, "mustdrop", default={})  # no budget: the thresholds decide
+        if not self.filter and (self.keep, self.keep_ratio) != (None, None):
+            raise ValueError("mustdrop: keep / keep_ratio budget the LLM filter; set filter=True.")
+        check_settings(self)
 
 
 @register_method
@@ -88,11 +78,13 @@ class MustDrop(AttentionScoredPruner):
     name = "mustdrop"
     config_cls = MustDropConfig
     hooks = frozenset({HookPoint.VISION, HookPoint.EMBEDS, HookPoint.LAYER, HookPoint.ATTENTION, HookPoint.CACHE})
-    fixed_counts = False  # thresholds: how many tokens go depends on the input
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "r192": {"global_threshold": 0.001, "individual_threshold": 0.001},
-        "r128": {"global_threshold": 0.0012, "individual_threshold": 0.001},
-        "r64": {"global_threshold": 0.011, "individual_threshold": 0.01},
+        "r192": {"keep": 192},  # the budgets every pruner shares
+        "r128": {"keep": 128},
+        "r64": {"keep": 64},
+        "t192": {"global_threshold": 0.001, "individual_threshold": 0.001},  # the official scripts' thresholds
+        "t128": {"global_threshold": 0.0012, "individual_threshold": 0.001},
+        "t64": {"global_threshold": 0.011, "individual_threshold": 0.01},
         "noop": {"merge": "off", "key_set": False, "filter": False, "cache_trim": False},
     }
 
@@ -105,6 +97,12 @@ class MustDrop(AttentionScoredPruner):
         self._tower_gone: torch.Tensor | None = None  # [N images, patches] merged away in the tower
         self._tower_keys: torch.Tensor | None = None  # [N images, patches] key set
         self._keys: torch.Tensor | None = None  # [B, L_input] key set as input positions
+        self._initial: torch.Tensor | None = None  # [B] visual tokens of the input (budget mode)
+        self.budgeted = (config.keep, config.keep_ratio) != (None, None)
+
+    @property
+    def fixed_counts(self) -> bool:  # type: ignore[override]
+        return self.budgeted and self.merge_at == "off"  # thresholds and window merges depend on the input
 
     def bind(self, adapter) -> None:
         super().bind(adapter)
@@ -121,7 +119,7 @@ class MustDrop(AttentionScoredPruner):
         return output_layers("mustdrop", self.config.layers, PAPER_LAYERS, num_layers, REFERENCE_DEPTH)
 
     def prune_layers(self, num_layers: int) -> tuple[int, ...]:
-        at_input = (0,) if self.merge_at != "off" or self.use_key_set else ()
+        at_input = (0,) if self.merge_at != "off" or self.use_key_set or self.budgeted else ()
         return (*at_input, *super().prune_layers(num_layers))
 
     def cache_trim_from(self, num_layers: int) -> int | None:
@@ -140,7 +138,12 @@ class MustDrop(AttentionScoredPruner):
         return (num_layers - 1,) if self.use_key_set else ()
 
     def plan(self, visual_per_layer: list[int], text_tokens: int) -> list[int]:
-        raise ValueError("mustdrop drops a data-dependent number of tokens; measure it with handle.stats.")
+        if not self.budgeted or self.merge_at != "off":
+            raise ValueError(
+                "mustdrop drops a data-dependent number of tokens (its thresholds, its window merge); plan it "
+                "with keep= and merge='off', or measure it with handle.stats."
+            )
+        return planned_counts(visual_per_layer, self.scored_layers(len(visual_per_layer)), self.budget.resolve)
 
     # -- vision tower -------------------------------------------------------------------------------
     def on_vision_start(self) -> None:
@@ -168,15 +171,14 @@ class MustDrop(AttentionScoredPruner):
 
     def choose(self, ctx: LayerContext, scores: torch.Tensor) -> torch.Tensor:
         # The dual rule instead of a top-k: drop where the text's total attention is small *and* no text
-        # token attends much; how many go depends on the input.
-        state = ctx.state
-        g, m = scores.unbind(dim=-1)  # [B, L, 2] -> [B, L] each
-        visual = state.visual & state.valid
-        total = (g * visual).sum(dim=1, keepdim=True)
-        drop = visual & (g < self.config.global_threshold * total) & (m < self.config.individual_threshold)
-        if self._keys is not None:
-            drop &= ~self._keys.gather(1, state.index.clamp(min=0))  # the key set is never dropped
-        return visual & ~drop
+        # token attends much; how many go depends on the input, unless a budget scales the thresholds.
+        state, c, k = ctx.state, self.config, None
+        keys = self._keys.gather(1, state.index.clamp(min=0)) if self._keys is not None else None
+        if self.budgeted:
+            layers = self.scored_layers(ctx.adapter.num_layers)
+            counts = stage_counts(self._initial, self.budget.resolve(self._initial), len(layers))
+            k = counts[layers.index(self.tapped_for(ctx.layer_idx))]
+        return dual_keep(scores, state.visual & state.valid, keys, c.global_threshold, c.individual_threshold, k)
 
     def select(self, ctx: LayerContext) -> Selection | torch.Tensor | None:
         if ctx.layer_idx > 0:
@@ -184,6 +186,7 @@ class MustDrop(AttentionScoredPruner):
         # Layer 0: drop what the tower merged away (or merge here), and place the key set. The tower ran
         # for this prefill's images (in generate: just before it); its results are used once.
         state = ctx.state
+        self._initial = state.num_visual()
         tower_keys, tower_gone, self._tower_keys, self._tower_gone = self._tower_keys, self._tower_gone, None, None
         if self.use_key_set and tower_keys is not None:
             self._keys = tower_to_llm(tower_keys, state, self.adapter.vision_has_cls)

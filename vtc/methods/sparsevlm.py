@@ -7,8 +7,9 @@ keeps the best by a fixed schedule, and recycles part of the rest: the best-scor
 clustered (density-peak clustering) and each cluster is merged into one token.
 
 The default is v1.5 (the ICML code: prune after layers 2, 6, 15 of 32 with fixed schedules); the v1
-rank-adaptive count is an option. The attention rows come from vtc's tap (``vtc.kernels.attn_rows``),
-never an L x L matrix. See docs/METHODS.md for the choices that differ from the official code.
+rank-adaptive count (after layers 2, 6, 15, 19, as v1's code) is an option. The attention rows come from
+vtc's tap (``vtc.kernels.attn_rows``), never an L x L matrix. See docs/METHODS.md for the choices that
+differ from the official code.
 """
 
 from __future__ import annotations
@@ -22,30 +23,24 @@ from vtc.budget import Budget, check_budget
 from vtc.config import MethodConfig, check_fraction, check_int, check_layers
 from vtc.method import AttentionCall, AttentionScoredPruner, HookPoint, LayerContext, Selection, register_method
 from vtc.methods.attention import padded_positions, raters, visual_attention
-from vtc.methods.layers import output_layers
 from vtc.methods.recycling import recycle, recycle_counts
-from vtc.methods.sparsevlm_schedule import (
-    PAPER_LAYERS,
-    RANK_RULE,
-    REFERENCE_DEPTH,
-    REFERENCE_TOKENS,
-    SCHEDULES,
-    rank_keep,
-    reference_schedule,
-)
+from vtc.methods.sparsevlm_schedule import RANK_RULE, SCHEDULES, rank_keep, stage_target, stages
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SparseVLMConfig(MethodConfig):
-    """Settings of SparseVLM. One of ``budget``, ``keep_ratio``, ``schedule`` sets the counts.
+    """Settings of SparseVLM. One of ``budget``, ``keep``, ``keep_ratio``, ``schedule`` sets the counts.
 
     Attributes:
         budget: the paper's nominal budget (64, 96, 128, 192): the v1.5 schedule for 576 visual tokens,
             scaled to each row's visual count.
+        keep: a budget of N visual tokens of each row, read as the paper reads its budgets: the schedule
+            of ``keep_ratio = N / (the row's visual tokens)`` (``keep=192`` of 576 is ``budget=192``).
         keep_ratio: the budget as a fraction of the visual tokens (between the paper's schedules the counts
             are interpolated; 1.0 keeps everything).
         schedule: explicit visual tokens kept after each pruning layer, for 576 visual tokens (scaled).
-        layers: prune the outputs of these layers; None = the paper's 2, 6, 15 of 32, scaled to the depth.
+        layers: prune the outputs of these layers; None = the paper's 2, 6, 15 of 32 (v1: 2, 6, 15, 19),
+            scaled to the depth; stages that land on one layer merge (the last one's count).
         recycle: merge part of the pruned tokens back as cluster tokens.
         recycle_ratio: share of the pruned tokens (best scored) that are clustered.
         cluster_ratio: clusters per clustered token.
@@ -53,9 +48,10 @@ class SparseVLMConfig(MethodConfig):
         rank_scale, rank_bias: the v1 rule's factors; None = the official script's for the budget.
     """
 
-    exclusive = (("budget", "keep_ratio", "schedule"),)
+    exclusive = (("budget", "keep", "keep_ratio", "schedule"),)
 
     budget: int | None = None
+    keep: int | None = None
     keep_ratio: float | None = None
     schedule: tuple[int, ...] | None = None
     layers: tuple[int, ...] | None = None
@@ -113,28 +109,22 @@ class SparseVLM(AttentionScoredPruner):
 
     # -- layers and counts --------------------------------------------------------------------------
     def scored_layers(self, num_layers: int) -> tuple[int, ...]:
-        return output_layers("sparsevlm", self.config.layers, PAPER_LAYERS, num_layers, REFERENCE_DEPTH)
+        return tuple(sorted(stages(self.config, num_layers)))
 
     def bind(self, adapter) -> None:
         super().bind(adapter)
-        layers = self.scored_layers(adapter.num_layers)
-        counts = len(reference_schedule(self.config) or layers)
-        if not self.config.rank_adaptive and counts != len(layers):
-            raise ValueError(
-                f"sparsevlm: {len(layers)} pruning layers but a schedule of {counts}; give one count per layer."
-            )
+        self.scored_layers(adapter.num_layers)  # checks the layers against the schedule on this depth
 
     def prune_layers(self, num_layers: int) -> tuple[int, ...]:
         return (0, *super().prune_layers(num_layers))  # layer 0 only reads the embeddings (raters)
 
     def _kept(self, stage: int, n_initial: torch.Tensor) -> torch.Tensor:
         """Visual tokens kept at `stage` for `n_initial` input ones: the schedule scaled from 576 tokens."""
-        schedule = reference_schedule(self.config)
 
         def rule(n: torch.Tensor) -> torch.Tensor:
-            return n if self.budget.keeps_everything else torch.round(schedule[stage] * n.double() / REFERENCE_TOKENS)
+            return n if self.budget.keeps_everything else torch.round(stage_target(self.config, stage, n))
 
-        return self.budget.resolve(n_initial, paper=rule, ratio=rule)  # the paper's schedules read every budget
+        return self.budget.resolve(n_initial, paper=rule, ratio=rule, keep=rule)  # the schedules read every budget
 
     def plan(self, visual_per_layer: list[int], text_tokens: int) -> list[int]:
         if self.config.rank_adaptive:
@@ -142,7 +132,7 @@ class SparseVLM(AttentionScoredPruner):
         num_layers = len(visual_per_layer)
         out = list(visual_per_layer)
         initial = torch.tensor([visual_per_layer[0]])
-        for stage, layer in enumerate(self.scored_layers(num_layers)):
+        for layer, stage in sorted(stages(self.config, num_layers).items()):
             before = torch.tensor([out[layer + 1]])
             kept = torch.minimum(self._kept(stage, initial), before)
             if self.config.recycle:
@@ -176,7 +166,7 @@ class SparseVLM(AttentionScoredPruner):
         tapped = self.tapped_for(ctx.layer_idx)
         if self.config.rank_adaptive:  # v1: k = int(rank x scale + bias), per row
             return rank_keep(self._ranks[tapped], self.config)[:, None]  # [B] -> [B, 1]
-        return self._kept(self.scored_layers(ctx.adapter.num_layers).index(tapped), self._initial)
+        return self._kept(stages(self.config, ctx.adapter.num_layers)[tapped], self._initial)
 
     def select(self, ctx: LayerContext) -> Selection | torch.Tensor | None:
         if ctx.layer_idx == 0:
