@@ -182,7 +182,7 @@ def test_benchmark_rows_carry_each_schedule():
     sample = llava_like_sample(model)
     rows = prefill_benchmark(model, sample, ["gemfilter.r64", "dart.r64"], warmup=0, repeats=1)
     by_spec = {r["spec"]: r for r in rows}
-    assert by_spec["gemfilter.r64"]["prepass_layers"] == 3  # filter layer round(13 / 32 * 4) = 2: layers 0..2
+    assert by_spec["gemfilter.r64"]["prepass_layers"] == 2  # filter layer floor(13 / 32 * 4) = 1: layers 0..1
     assert by_spec["gemfilter.r64"]["tokens_per_layer"] == "0-3:128"
     assert by_spec["dart.r64"]["tokens_per_layer"] == "0-1:640 2-3:132"
     assert by_spec["dart.r64"]["layer"] == 2 and by_spec["dart.r64"]["visual_kept"] == 68

@@ -58,7 +58,12 @@ class SpecDecConfig(MethodConfig):
         check_int("specdec", "k", self.k, 1, MAX_K)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "draft": type(self.draft).__name__}  # a model is not JSON
+        """As every config's, but a draft model is named by its class (a model is not JSON: a config
+        read back needs ``draft=`` again)."""
+        out = super().to_dict()
+        if self.draft is not None:
+            out["draft"] = f"<{type(self.draft).__name__}: pass draft= again>"
+        return out
 
 
 @register_method
@@ -74,8 +79,11 @@ class SpecDec(Method):
 
     def bind(self, adapter: Any) -> None:
         super().bind(adapter)
-        if self.config.draft is None:
-            raise ValueError("specdec needs a draft model: vtc.wrap(model, 'specdec', draft=draft_model, k=4).")
+        if not isinstance(self.config.draft, nn.Module):
+            raise ValueError(
+                f"specdec needs a draft model: vtc.wrap(model, 'specdec', draft=draft_model, k=4); got "
+                f"{self.config.draft!r}."
+            )
         make_draft(self.config.draft, adapter)  # refuse a draft the target cannot verify now, at wrap
 
     def generate(self, target: Any, stock: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
