@@ -25,6 +25,18 @@ from vtc.engine.cache import CacheView
 from vtc.errors import UnsupportedModelError
 
 
+def following(positions: torch.Tensor) -> torch.Tensor:
+    """``[B]`` the position after each row's last one, from ``[B, L]`` or M-RoPE's ``[3, B, L]`` positions."""
+    return positions.reshape(-1, *positions.shape[-2:]).amax(dim=(0, 2)) + 1
+
+
+def continuing(start: torch.Tensor, n: int, lead: torch.Size) -> torch.Tensor:
+    """Positions of `n` text tokens from ``start`` ``[B]`` on, in the layout (``lead`` = leading dims,
+    ``()`` or ``(3,)``) of the prompt's positions: text numbers every M-RoPE row alike."""
+    positions = start[:, None] + torch.arange(n, device=start.device)
+    return positions.expand(*lead, *positions.shape)
+
+
 def vocabulary_size(model: nn.Module) -> int:
     head = model.get_output_embeddings()
     if head is None:
@@ -83,15 +95,14 @@ class Draft:
         self.cache = surface.output_cache(out)
         self.view = CacheView(self.cache, surface.num_cache_layers(self.cache))
         self.mask = prompt["attention_mask"]
-        self.shape = positions.shape[:-2]  # () for [B, L] positions, (3,) for M-RoPE
-        self.next = positions.reshape(-1, *positions.shape[-2:]).amax(dim=(0, 2)) + 1  # [B]
+        self.lead = positions.shape[:-2]  # () for [B, L] positions, (3,) for M-RoPE
+        self.next = following(positions)
         self.unfed = pending
 
     def _feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Run `tokens` ``[B, n]`` through the draft; the logits of the last one."""
         n = tokens.shape[1]
-        positions = self.next[:, None] + torch.arange(n, device=tokens.device)
-        positions = positions.expand(*self.shape, *positions.shape)
+        positions = continuing(self.next, n, self.lead)
         self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
         out = self.model(
             input_ids=tokens, attention_mask=self.mask, position_ids=positions,

@@ -28,7 +28,7 @@ from vtc.config import MethodConfig, check_int
 from vtc.engine.cache import CacheView
 from vtc.errors import MethodConflictError
 from vtc.method import HookPoint, Method, register_method
-from vtc.methods.drafts import make_draft
+from vtc.methods.drafts import continuing, following, make_draft
 from vtc.methods.speculative import accept_greedy, accept_sampling, warp
 from vtc.state import SpeculativeStats
 
@@ -97,9 +97,8 @@ class SpecDec(Method):
             )
         settings, inputs = _split(target.model, kwargs)
         with torch.no_grad():
-            loop = Loop(target, make_draft(self.config.draft, target), self.config.k, settings)
-            loop.adaptive = self.config.adaptive
-            return loop.run(inputs)
+            draft = make_draft(self.config.draft, target)
+            return Loop(target, draft, self.config.k, settings, adaptive=self.config.adaptive).run(inputs)
 
 
 def _split(model: nn.Module, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -120,8 +119,8 @@ def _split(model: nn.Module, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any
 class Loop:
     """One speculative generate call."""
 
-    def __init__(self, target: Any, draft: Any, k: int, settings: Any) -> None:
-        self.target, self.draft, self.k, self.settings = target, draft, k, settings
+    def __init__(self, target: Any, draft: Any, k: int, settings: Any, *, adaptive: bool = False) -> None:
+        self.target, self.draft, self.k, self.settings, self.adaptive = target, draft, k, settings, adaptive
         self.model = target.model
         eos = settings.eos_token_id
         self.eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos))
@@ -129,7 +128,6 @@ class Loop:
         self.pad = pad if pad is not None else (int(self.eos[0]) if len(self.eos) else 0)
         self.sample = bool(settings.do_sample)
         self.stats = SpeculativeStats(k=k)
-        self.adaptive = False
 
     def _max_new(self, prompt: int) -> int:
         s = self.settings
@@ -140,7 +138,7 @@ class Loop:
         logits with EOS barred before ``min_new_tokens`` (greedy), or the warped probabilities."""
         logits = logits.float()
         if len(self.eos) and number <= (self.settings.min_new_tokens or 0):
-            logits = logits.index_fill(-1, self.eos.to(logits.device), float("-inf"))
+            logits = logits.index_fill(-1, self.eos, float("-inf"))
         if not self.sample:
             return logits
         s = self.settings
@@ -162,18 +160,18 @@ class Loop:
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         batch, width = ids.shape
         max_new = self._max_new(width)
+        self.eos = self.eos.to(ids.device)
         positions = self.target.prompt_positions(inputs)
         out = self.target_forward(**inputs, position_ids=positions, use_cache=True)
         cache = surface.output_cache(out)
         view = CacheView(cache, surface.num_cache_layers(cache))
-        shape = positions.shape[:-2]
-        next_pos = positions.reshape(-1, batch, width).amax(dim=(0, 2)) + 1
+        next_pos = following(positions)
         pending = self.choose(out.logits[:, -1], 1)[0][:, None]
         new = [pending]
         done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
-        done |= torch.isin(pending[:, 0], self.eos.to(ids.device))
+        done |= torch.isin(pending[:, 0], self.eos)
         generated = 1
-        self.stats.row_accepted = [0] * batch
+        row_kept = torch.zeros(batch, dtype=torch.long, device=ids.device)
         if max_new > 1:
             t0 = time.perf_counter()
             self.draft.start(inputs, pending)
@@ -184,23 +182,21 @@ class Loop:
             drafted, q = self.draft.propose(k, lambda logits, i, g=generated: self.choose(logits, g + 1 + i))
             self.stats.draft_seconds += time.perf_counter() - t0
             chunk = torch.cat([pending, drafted], dim=1)
-            step = next_pos[:, None] + torch.arange(k + 1, device=ids.device)
             verify = self.target_forward(
                 input_ids=chunk, attention_mask=torch.cat([mask, torch.ones_like(chunk)], dim=1),
-                position_ids=step.expand(*shape, *step.shape), use_cache=True,
+                position_ids=continuing(next_pos, k + 1, positions.shape[:-2]), use_cache=True,
                 **self.target.text_inputs(chunk), **surface.cache_kwargs(self.model, cache),
             )  # fmt: skip
             kept, tokens = self.verify(drafted, q, verify.logits, generated)
             n = int(kept[~done].min()) if bool((~done).any()) else 0
             emitted = torch.cat([drafted[:, :n], tokens[:, n : n + 1]], dim=1)
-            for b in range(batch):
-                self.stats.row_accepted[b] += int(kept[b])
+            row_kept += kept
             view.crop(view.columns - (k - n))  # keep pending and the n kept drafts
             mask = torch.cat([mask, torch.ones_like(emitted)], dim=1)
             next_pos = next_pos + n + 1
             self.draft.commit(n, drafted, emitted[:, -1:], k)
             emitted = torch.where(done[:, None], self.pad, emitted)  # rows that ended earlier pad
-            is_eos = torch.isin(emitted, self.eos.to(ids.device)).long()
+            is_eos = torch.isin(emitted, self.eos).long()
             emitted = torch.where(is_eos.cumsum(1) - is_eos > 0, self.pad, emitted)  # and after their EOS
             done |= is_eos.bool().any(dim=1)
             new.append(emitted)
@@ -213,6 +209,7 @@ class Loop:
                 self.k = min(MAX_K, self.k + 2) if n == k else max(1, self.k - 1)
                 self.stats.k = max(self.stats.k, self.k)
         self.stats.tokens = generated
+        self.stats.row_accepted = row_kept.tolist()
         self.stats.total_seconds = time.perf_counter() - started
         self.target.stats.speculative = self.stats
         return self._trim(torch.cat([ids, *new], dim=1), width)
@@ -230,7 +227,7 @@ class Loop:
         if not len(self.eos):
             return sequences
         tail = sequences[:, width:]
-        ended = torch.isin(tail, self.eos.to(tail.device))
+        ended = torch.isin(tail, self.eos)
         if not bool(ended.any(dim=1).all()):
             return sequences
         last = int(ended.long().argmax(dim=1).max())
