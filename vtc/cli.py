@@ -29,14 +29,6 @@ def _specs(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def environment() -> dict[str, str]:
     """Versions and device, recorded with every result row."""
     import torch
@@ -110,10 +102,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from vtc.bench import format_rows, llava_like, llava_like_sample, prefill_benchmark, pruning_specs
+    from vtc.eval.models import pick_device
+    from vtc.progress import bar
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _device(args.device)
+    device = pick_device(args.device)
     dtype = getattr(torch, args.dtype)
     model = llava_like(hidden=args.hidden, layers=args.layers, dtype=dtype).to(device)
     sample = llava_like_sample(model, text_tokens=args.text_tokens)
@@ -123,9 +117,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"prefill of a LLaVA-1.5-shaped model: hidden {args.hidden}, {args.layers} layers, {n_tokens} tokens "
         f"(576 visual), {args.dtype} on {device}; median of {args.repeats} round-robin repeats"
     )
-
-    from vtc.progress import bar
-
     with bar(0, "prefills", unit="prefill", enabled=not args.quiet) as shown:
 
         def progress(done: int, total: int) -> None:
@@ -204,7 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             summaries.append(
                 run_task(
                     model, processor, task, docs, method, out, batch_size=args.batch_size, frames=args.frames,
-                    max_new_tokens=args.max_new_tokens, seed=args.seed, model_name=models.model_label(args.model),
+                    max_new_tokens=args.max_new_tokens, seed=args.seed, model_name=args.model,
                     progress=not args.quiet,
                 )
             )  # fmt: skip

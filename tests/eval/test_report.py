@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from vtc.eval.report import model_name, pareto_front, plot_accuracy_flops
+from vtc.eval.models import model_label
+from vtc.eval.report import pareto_front, plot_accuracy_flops
 
 
 def dominated(p, q) -> bool:
@@ -44,4 +45,4 @@ def test_plot_names_the_model_and_task(tmp_path) -> None:
     paths = plot_accuracy_flops(runs, tmp_path)
     assert [p.name for p in paths] == ["reference_shapesqa_accuracy_flops.png"]
     assert paths[0].stat().st_size > 1000
-    assert model_name("llava-hf/llava-1.5-7b-hf") == "llava-1.5-7b-hf"
+    assert model_label("llava-hf/llava-1.5-7b-hf") == "llava-1.5-7b-hf" and model_label("reference") == "reference"

@@ -26,12 +26,12 @@ def model_source(name: str | Path) -> str:
 
 
 def model_label(name: str | Path) -> str:
-    """A short name for runs folders and tables: ``reference``, a hub id, or a folder's name."""
-    text = str(name)
-    if text == REFERENCE:
+    """A short name for runs folders, plot titles and files: ``reference`` for the shipped model (by
+    name or by its weights folder), else the last part of a hub id or a folder's name."""
+    path = Path(str(name))
+    if str(name) == REFERENCE or (path.name == "weights" and path.parent.name == REFERENCE):
         return REFERENCE
-    path = Path(text).expanduser()
-    return path.name if path.exists() else text
+    return path.name or str(name)
 
 
 def pick_device(name: str = "auto") -> torch.device:

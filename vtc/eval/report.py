@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vtc.eval.models import model_label
 from vtc.eval.runner import DENSE
 
 
@@ -139,24 +140,15 @@ def plot_accuracy_flops(runs: Sequence[dict[str, Any]], out_dir: str | Path) -> 
                 label="Pareto front", zorder=2)  # fmt: skip
         ax.set_xlabel("prefill FLOPs, % of dense (decoder layers)" if relative else "prefill FLOPs per sample")
         ax.set_ylabel(items[0]["metric"])
-        ax.set_title(f"{task}: {items[0]['metric']} against prefill FLOPs ({model_name(model)})", fontsize=10)
+        ax.set_title(f"{task}: {items[0]['metric']} against prefill FLOPs ({model_label(model)})", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
         fig.tight_layout()
-        path = out_dir / f"{model_name(model)}_{task}_accuracy_flops.png".replace("/", "_")
+        path = out_dir / f"{model_label(model)}_{task}_accuracy_flops.png".replace("/", "_")
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
     return paths
-
-
-def model_name(model: str) -> str:
-    """A model's short name for titles and files: a hub id's last part or a folder's name; the shipped
-    model's weights folder reads ``reference``."""
-    path = Path(model)
-    if path.name == "weights" and path.parent.name == "reference":
-        return "reference"
-    return path.name or model
 
 
 def plot_kept_patches(image: Any, kept: Sequence[int], grid: tuple[int, int], path: str | Path) -> Path:

@@ -28,6 +28,7 @@ import torch
 
 from vtc.eval.data import find_video, load_images
 from vtc.eval.tasks import Task
+from vtc.progress import bar as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ def run_task(
     adapter, dims = _dims(model)
     tok = _tokenizer(processor)
     peak = None
-    bar = _progress(len(docs), len(docs) - len(todo), f"{task.name} {method}", progress)
+    bar = progress_bar(len(docs), f"{task.name} {method}", unit="q", enabled=progress, initial=len(docs) - len(todo))
     with _wrapped(model, method) as handle, pred_path.open("a", encoding="utf-8") as out:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
@@ -337,9 +338,3 @@ def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     return str(obj)
-
-
-def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
-    from vtc.progress import bar
-
-    return bar(total, desc, unit="q", enabled=enabled, initial=initial)
