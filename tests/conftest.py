@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # after the environment above, before triton can be imported
 
 import vtc
-from vtc.adapters import ADAPTERS
+from vtc.adapters import ADAPTERS, adapter_for
 
 FAMILIES = ADAPTERS.names()
 _MODELS: dict[tuple, torch.nn.Module] = {}
@@ -35,6 +35,17 @@ def batch_for(model, family: str, images: list[int] | None = None, batch: int = 
     adapter = ADAPTERS.get(family)
     samples = adapter.make_samples(model, batch=batch, seed=seed, images=images)
     return adapter.collate(model, samples), samples
+
+
+def instruction_attention(family: str, sample: dict, layer: int):
+    """(layer `layer`'s attention ``[H, L, L]`` of one unpadded sample on the eager twin of the tiny
+    model, the visual positions, the text positions after the first visual token: the instruction)."""
+    with torch.no_grad():
+        attention = tiny(family, attn="eager")(**sample, output_attentions=True).attentions[layer][0]
+    visual = adapter_for(tiny(family)).visual_mask(sample["input_ids"], None)[0]
+    vis = visual.nonzero().flatten()
+    text = torch.tensor([i for i in range(len(visual)) if not visual[i] and i > vis[0]])
+    return attention, vis, text
 
 
 def forward_inputs(family: str, inputs: dict) -> dict:

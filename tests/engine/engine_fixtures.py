@@ -85,14 +85,9 @@ class ColumnOracle:
 
 def prefill_positions(model, family: str, inputs: dict) -> torch.Tensor:
     """The positions the prompt's tokens take (``[B, L]``, or M-RoPE's ``[3, B, L]`` for Qwen)."""
-    mask = inputs["attention_mask"]
-    if family == "llava":
-        return (mask.cumsum(-1) - 1).clamp(min=0)
     from vtc.adapters import adapter_for
 
-    grids = {k: inputs[k] for k in ("image_grid_thw",) if k in inputs}
-    vlm = adapter_for(model).vlm
-    return surface.mrope_positions(vlm, inputs["input_ids"], inputs["mm_token_type_ids"], attention_mask=mask, **grids)
+    return adapter_for(model).prompt_positions(inputs)
 
 
 def greedy(model, family: str, inputs: dict, n: int, cache=None) -> tuple[torch.Tensor, object]:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch_for, tiny
+from conftest import batch_for, instruction_attention, tiny
 
 import vtc
-from vtc.adapters import adapter_for
 from vtc.method import LayerContext
 from vtc.methods.focusllava import SAMPLERS, FocusLLaVA, FocusLLaVAConfig, redundancy_sampler
 from vtc.state import VisualTokenState
@@ -52,11 +51,7 @@ def test_text_guided_keeps_the_top_instruction_attention(family):
     _, samples = batch_for(model, family, batch=2)
     config = FocusLLaVAConfig(keep=30, layer=1, vision_sampler=None)
     for sample in samples:
-        with torch.no_grad():
-            attention = tiny(family, attn="eager")(**sample, output_attentions=True).attentions[1][0]
-        visual = adapter_for(model).visual_mask(sample["input_ids"], None)[0]
-        vis = visual.nonzero().flatten()
-        text = torch.tensor([i for i in range(len(visual)) if not visual[i] and i > vis[0]])
+        attention, vis, text = instruction_attention(family, sample, 1)
         scores = attention[:, text][:, :, vis].mean(dim=(0, 1))
         expected = torch.sort(scores, descending=True, stable=True).indices[:30].sort().values
         with vtc.apply(model, config) as handle, torch.no_grad():

@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
-from conftest import batch_for, tiny
+from conftest import batch_for, instruction_attention, tiny
 
 import vtc
 from vtc import surface
-from vtc.adapters import adapter_for
 from vtc.methods.mustdrop import MustDropConfig
 from vtc.methods.windows import grid_windows, merge_windows
 
@@ -95,11 +94,7 @@ def test_filter_drops_exactly_what_the_dual_rule_says(family):
     tau_g, tau_i = 0.004, 0.006
     config = MustDropConfig(**OFF, layers=(1,), global_threshold=tau_g, individual_threshold=tau_i)
     for sample in samples:
-        with torch.no_grad():
-            attention = tiny(family, attn="eager")(**sample, output_attentions=True).attentions[1][0]  # [H, L, L]
-        visual = adapter_for(model).visual_mask(sample["input_ids"], None)[0]
-        vis = visual.nonzero().flatten()
-        text = torch.tensor([i for i in range(len(visual)) if not visual[i] and i > vis[0]])
+        attention, vis, text = instruction_attention(family, sample, 1)  # [H, L, L]
         block = attention.mean(dim=0)[text][:, vis]  # [text rows, visual columns], head mean
         g, m = block.sum(dim=0), block.amax(dim=0)
         keep = ~((g < tau_g * g.sum()) & (m < tau_i))
@@ -157,11 +152,7 @@ def test_a_budget_is_the_dual_rule_at_the_smallest_threshold_scale_that_meets_it
     tau_g, tau_i, k = 0.004, 0.006, 40
     config = MustDropConfig(**OFF, layers=(1,), global_threshold=tau_g, individual_threshold=tau_i, keep=k)
     for sample in samples:
-        with torch.no_grad():
-            attention = tiny(family, attn="eager")(**sample, output_attentions=True).attentions[1][0]
-        visual = adapter_for(model).visual_mask(sample["input_ids"], None)[0]
-        vis = visual.nonzero().flatten()
-        text = torch.tensor([i for i in range(len(visual)) if not visual[i] and i > vis[0]])
+        attention, vis, text = instruction_attention(family, sample, 1)
         block = attention.mean(dim=0)[text][:, vis].double()
         g, m = block.sum(dim=0), block.amax(dim=0)
 
