@@ -27,8 +27,8 @@ from vtc.adapters import ADAPTERS, adapter_for, anyres
 from vtc.errors import UnsupportedModelError
 from vtc.state import TokenKind
 
-FAMILIES = ["llava_next"]
-VIDEO_FAMILIES: list[str] = []
+FAMILIES = ["llava_next", "llava_onevision"]
+VIDEO_FAMILIES = ["llava_onevision"]
 NEWLINE = -5.0  # the sentinel image_newline
 
 
