@@ -27,8 +27,8 @@ from vtc.adapters import ADAPTERS, adapter_for, anyres
 from vtc.errors import UnsupportedModelError
 from vtc.state import TokenKind
 
-FAMILIES = ["llava_next", "llava_onevision"]
-VIDEO_FAMILIES = ["llava_onevision"]
+FAMILIES = ["llava_next", "llava_onevision", "llava_next_video"]
+VIDEO_FAMILIES = ["llava_onevision", "llava_next_video"]
 NEWLINE = -5.0  # the sentinel image_newline
 
 

@@ -3,6 +3,7 @@
 from vtc.adapters import (  # noqa: F401  (registration)
     llava,
     llava_next,
+    llava_next_video,
     llava_onevision,
     qwen2_5_vl,
     qwen2_vl,
