@@ -83,9 +83,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     # -- tiny models ------------------------------------------------------------------------------
     MULTI_IMAGE_BASE_ONLY: ClassVar[bool] = True
-    #: ``anyres_max_3``: the 2 x 2 tile grid of a square image (16 x 16 patches) is resized to 13 x 13.
+    #: ``anyres_max_3``: the 2 x 2 tile grid of a square image (16 x 16 patches) is resized to 13 x 13 (the
+    #: second size; the others keep their grids).
     ASPECT = "anyres_max_3"
-    SIZES: ClassVar[list[tuple[int, int]]] = [(64, 64), (40, 64), (90, 40), (32, 60)]
+    SIZES: ClassVar[list[tuple[int, int]]] = [(40, 64), (64, 64), (90, 40), (32, 60)]
 
     @classmethod
     def _tiny_vision(cls) -> Any:
