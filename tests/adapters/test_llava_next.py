@@ -10,6 +10,7 @@ processors' own formulas, and the layout from encoded features (``generate``'s p
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import types
@@ -251,6 +252,8 @@ def test_layout_from_encoded_features_equals_layout_from_sizes(family):
     """``generate`` encodes the media first and passes ``mm_encoder_outputs`` without ``image_sizes`` (that the
     engine then sees this same layout is checked in tests/adapters/test_coords.py)."""
     model = tiny(family)
+    if "mm_encoder_outputs" not in inspect.signature(type(model).forward).parameters:
+        pytest.skip("this transformers release passes the pixels to every forward; there are no encoded features")
     adapter = adapter_for(model)
     frames = [2, 0, 2] if family in VIDEO_FAMILIES else None
     cls = ADAPTERS.get(family)

@@ -74,7 +74,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             encoded = (kwargs.get("mm_encoder_outputs") or {}).get("video")
             if encoded is None:
                 return None
-            frames = [(f.shape[0] - 1) // self._pooled**2 for f in encoded.pooler_output]
+            frames = [f.shape[0] // self._pooled**2 for f in encoded.pooler_output]  # the newline is one more
         side, pooled = self.vision_grid, self._pooled
         return [
             anyres.video_tokens(f, side, pooled, self._per_view, self._first, bilinear=True, newline=True)
