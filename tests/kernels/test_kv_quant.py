@@ -199,6 +199,18 @@ def test_triton_matches_reference(case):
     assert_equal(kernels.kv_dequantize(expected, backend="triton"), kv_dequantize_reference(expected), "x_hat")
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.dtype == torch.bfloat16], ids=lambda c: c.id)
+def test_triton_matches_reference_in_large_tiles(case, monkeypatch):
+    """The 4096-value tiles of large tensors, here on small ones: many groups per program, the last one partial."""
+    from vtc.kernels.kv_quant import triton_impl
+
+    monkeypatch.setattr(triton_impl, "LARGE_FROM", 0)
+    x = make_x(case)
+    expected = kv_quantize_reference(x, case.bits, case.group)
+    assert_same_packed(triton_quantize(x, case.bits, case.group), expected)
+    assert_equal(kernels.kv_dequantize(expected, backend="triton"), kv_dequantize_reference(expected), "x_hat")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 def test_constant_groups_round_trip_exactly(dtype, backend):

@@ -1,10 +1,11 @@
 """Triton ``kv_quantize`` / ``kv_dequantize``: one pass over the data each, bit for bit the reference.
 
 Both are pure streaming: quantising reads every value once and writes codes plus two numbers per group;
-dequantising reads those and writes every value once. A program owns a tile of whole consecutive groups,
-``[groups, channels]`` (a group size that is not a power of two is padded and masked), so loads and stores
-are contiguous and a group's minimum and maximum are reductions in registers; packing reshapes the codes
-to ``[groups, bytes, codes per byte]`` and shifts and sums the last axis, unpacking does the reverse.
+dequantising reads those and writes every value once. A program owns a tile of whole consecutive groups
+(1024 or 4096 values) as ``[groups, channels]`` (a group size that is not a power of two is padded and
+masked), so loads and stores are contiguous and a group's minimum and maximum are reductions in registers;
+packing reshapes the codes to ``[groups, bytes, codes per byte]`` and shifts and sums the last axis,
+unpacking does the reverse.
 
 Exactness: every fp32 operation is the reference's, in its order, and the launches pass
 ``enable_fp_fusion=False`` so the compiler cannot fuse a multiply and an add into one rounding; the step's
@@ -34,8 +35,12 @@ from vtc.kernels.kv_quant.reference import (
 INTERPRETED = interpreting()
 #: Largest group (channels) one program holds in registers; larger groups take the reference.
 MAX_GROUP = 8192
-#: Values per program: enough bytes in flight per SM to stream at full bandwidth.
-TILE = 4096
+#: Values per program. A large tensor takes 4096-value tiles: many bytes in flight per thread. Below
+#: ``LARGE_FROM`` values, 1024-value tiles make four times the programs, so that a small tensor (1M
+#: values, 2 MB in bf16) still spreads over every SM of an H100 / H200 instead of about two per SM.
+TILE_LARGE = 4096
+TILE_SMALL = 1024
+LARGE_FROM = 4 * 2**20
 #: ``KIND`` of the stored dtype in the kernels.
 _KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -148,12 +153,13 @@ def _dequantize_kernel(
     _round_store(out_ptr, (grp * GROUP)[:, None] + chan[None, :], x_hat, ok, KIND, BF16_BITS)
 
 
-def _blocks(bits: int, group_size: int) -> tuple[int, int, int]:
-    """``(BYTES_P2, GROUPS_BLOCK, num_warps)``: a tile of about ``TILE`` values (at least one whole group)."""
+def _blocks(bits: int, group_size: int, n_values: int) -> tuple[int, int, int]:
+    """``(BYTES_P2, GROUPS_BLOCK, num_warps)``: a tile of about 1024 or 4096 values (at least one whole group)."""
+    tile = TILE_LARGE if n_values >= LARGE_FROM else TILE_SMALL
     bytes_p2 = next_pow2(group_size // (8 // bits))
     width = bytes_p2 * (8 // bits)  # values per group, padded
-    groups_block = max(1, TILE // width)
-    return bytes_p2, groups_block, 8 if width > TILE else 4
+    groups_block = max(1, tile // width)
+    return bytes_p2, groups_block, 8 if width > TILE_LARGE else 4
 
 
 def _stored(t: torch.Tensor) -> torch.Tensor:
@@ -176,7 +182,7 @@ def kv_quantize_triton(x: torch.Tensor, bits: int, group_size: int) -> Quantized
     zero = torch.empty_like(scale)
     n_groups = n_rows * groups_per_row
     if n_groups:
-        bytes_p2, groups_block, warps = _blocks(bits, group_size)
+        bytes_p2, groups_block, warps = _blocks(bits, group_size, x.numel())
         _quantize_kernel[(triton.cdiv(n_groups, groups_block),)](
             rows, data, _stored(scale), _stored(zero), n_groups, groups_per_row, rows.stride(0),
             scale_floor(x.dtype), BITS=bits, GROUP=group_size, BYTES_P2=bytes_p2, GROUPS_BLOCK=groups_block,
@@ -194,7 +200,7 @@ def kv_dequantize_triton(q: QuantizedKV) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=q.dtype, device=q.data.device)
     n_groups = q.scale.numel()
     if n_groups:
-        bytes_p2, groups_block, warps = _blocks(q.bits, q.group_size)
+        bytes_p2, groups_block, warps = _blocks(q.bits, q.group_size, out.numel())
         _dequantize_kernel[(triton.cdiv(n_groups, groups_block),)](
             q.data.contiguous(), q.scale.contiguous(), q.zero.contiguous(), _stored(out), n_groups,
             BITS=q.bits, GROUP=q.group_size, BYTES_P2=bytes_p2, GROUPS_BLOCK=groups_block, KIND=_KIND[q.dtype],
