@@ -130,9 +130,12 @@ def kv_quantize_reference(x: torch.Tensor, bits: int, group_size: int) -> Quanti
     per_byte = 8 // bits
     groups = x.reshape(*lead, dim // group_size, group_size).float()  # [..., G, g]
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [..., G]
-    scale = ((high - low) / qmax).clamp_min(scale_floor(x.dtype)).to(x.dtype)
+    # Divide by a tensor, not a Python number: on CUDA, torch turns ``t / number`` into ``t * (1 / number)``,
+    # one rounding more than the IEEE division the kernel (and torch on the CPU) performs.
+    steps = torch.full((), qmax, dtype=torch.float32, device=x.device)
+    scale = ((high - low) / steps).clamp_min(scale_floor(x.dtype)).to(x.dtype)
     zero = low.to(x.dtype)  # exact: the minimum is one of x's values
-    inv = 1.0 / scale.float()
+    inv = torch.reciprocal(scale.float())
     shifted = (groups - zero.float()[..., None]) * inv[..., None] + 0.5  # three roundings, as the kernel
     codes = shifted.floor().clamp(0, qmax).to(torch.uint8).reshape(*lead, dim // per_byte, per_byte)
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=x.device)  # [per_byte]
