@@ -178,12 +178,13 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def write_video(path: Path, frames: int = 6, seed: int = 0) -> None:
+def write_video(path: Path, frames: int = 6, seed: int = 0, options: dict[str, str] | None = None) -> None:
+    """A 32 x 32 mpeg4 clip of random frames at 4 fps (`options`: the muxer's, e.g. ``movflags``)."""
     import av
 
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
+    with av.open(str(path), "w", options=options or {}) as out:
         stream = out.add_stream("mpeg4", rate=4)
         stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
         for _ in range(frames):

@@ -70,8 +70,70 @@ def build_prompt(processor: Any, text: str, n_images: int, video: bool = False) 
     return f"{LLAVA_SYSTEM} USER: {images}{text} ASSISTANT:"
 
 
-def prepare(processor: Any, task: Task, docs: Sequence[dict[str, Any]], frames: int) -> Any:
-    """Processor inputs of a batch of docs (left-padded tensors)."""
+def takes_video(model: torch.nn.Module, processor: Any) -> bool:
+    """Whether `model` and `processor` take a video as a video (not as a row of images).
+
+    The adapter's ``modalities`` says so for a family vtc adapts; for one whose adapter does not say (or
+    with no adapter), a config with a video token and a processor with a video part do.
+    """
+    from vtc.adapters import adapter_class_for
+    from vtc.errors import UnsupportedModelError
+
+    try:
+        modalities = getattr(adapter_class_for(model), "modalities", None)
+    except UnsupportedModelError:
+        modalities = None
+    if modalities is None:
+        config = model.config
+        modalities = {"image", "video"} if _video_token(config) is not None else {"image"}
+    return "video" in modalities and _takes_video(processor)
+
+
+def _video_token(config: Any) -> int | None:
+    for name in ("video_token_id", "video_token_index"):
+        if getattr(config, name, None) is not None:
+            return getattr(config, name)
+    return None
+
+
+def check_modality(model: torch.nn.Module, processor: Any, task: Task, video_as_images: bool = False) -> None:
+    """Refuse a video task for a model that takes images only, before any work, naming the two fixes.
+
+    Raises:
+        MissingCapabilityError: `task` is a video task, `model` takes no video and `video_as_images` is off.
+    """
+    if task.modality != "video" or video_as_images or takes_video(model, processor):
+        return
+    from vtc.errors import MissingCapabilityError
+
+    family = getattr(model.config, "model_type", type(model).__name__)
+    if _video_token(model.config) is not None:
+        problem = f"its processor ({type(processor).__name__}) has no video part"
+    else:
+        problem = "the model takes images only"
+    raise MissingCapabilityError(
+        f"{task.name} is a video task, but {problem} ({family}). Evaluate a video model (Qwen2-VL, Qwen2.5-VL, "
+        f"LLaVA-OneVision, LLaVA-NeXT-Video), or pass --video-as-images (video_as_images=True) to give it the "
+        f"sampled frames as separate images, as lmms-eval does for LLaVA-1.5."
+    )
+
+
+def prepare(
+    processor: Any,
+    task: Task,
+    docs: Sequence[dict[str, Any]],
+    frames: int,
+    *,
+    fps: float | None = None,
+    short_videos: str = "error",
+    video_as_images: bool = False,
+) -> Any:
+    """Processor inputs of a batch of docs (left-padded tensors).
+
+    A video task's clips are read with ``vtc.eval.video.read_frames`` (`frames`, `fps`, `short_videos`,
+    and a doc's ``start`` / ``end`` seconds); they go to the processor as videos, or with
+    `video_as_images` as one image per frame.
+    """
     from vtc.eval.video import read_frames
 
     _tokenizer(processor).padding_side = "left"
@@ -79,8 +141,11 @@ def prepare(processor: Any, task: Task, docs: Sequence[dict[str, Any]], frames: 
     for doc in docs:
         text = task.text(doc)
         if task.modality == "video":
-            clip = read_frames(find_video(doc[task.visual], doc["_root"]), frames)
-            if _takes_video(processor):
+            window = {k: float(doc[k]) for k in ("start", "end") if doc.get(k) is not None}
+            clip = read_frames(
+                find_video(doc[task.visual], doc["_root"]), frames, fps=fps, short=short_videos, **window
+            )
+            if not video_as_images:
                 videos.append(clip)
                 prompts.append(build_prompt(processor, text, 0, video=True))
                 continue
@@ -198,6 +263,9 @@ def run_task(
     *,
     batch_size: int = 1,
     frames: int = 8,
+    fps: float | None = None,
+    short_videos: str = "error",
+    video_as_images: bool = False,
     max_new_tokens: int | None = None,
     seed: int = 0,
     model_name: str = "",
@@ -213,7 +281,12 @@ def run_task(
         method: ``"dense"`` or a method spec, several joined by ``+``.
         out_dir: the runs folder; this run writes ``<out_dir>/<task>/<method>/``.
         batch_size: rows per generate call.
-        frames: frames sampled per video.
+        frames: frames sampled per video (with `fps`, the most frames taken).
+        fps: sample videos at this many frames per second (``vtc.eval.video``); None: `frames` uniformly.
+        short_videos: a clip shorter than `frames`: ``"error"`` (default), ``"all"`` (keep its frames) or
+            ``"repeat"`` (repeat frames to fill `frames`).
+        video_as_images: give an image-only model a video task's frames as separate images; without it
+            such a run is refused before any work (``check_modality``).
         max_new_tokens: overrides the task's generation length.
         seed: set before every batch (greedy decoding does not use it; sampling methods do).
         model_name: recorded in the summary.
@@ -221,6 +294,7 @@ def run_task(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
+    check_modality(model, processor, task, video_as_images)
     run_dir = Path(out_dir) / task.name / method_dir(method)
     run_dir.mkdir(parents=True, exist_ok=True)
     pred_path = run_dir / "predictions.jsonl"
@@ -234,7 +308,9 @@ def run_task(
     with _wrapped(model, method) as handle, pred_path.open("a", encoding="utf-8") as out:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            inputs = prepare(processor, task, batch, frames).to(device)
+            inputs = prepare(
+                processor, task, batch, frames, fps=fps, short_videos=short_videos, video_as_images=video_as_images
+            ).to(device)
             for key in ("pixel_values", "pixel_values_videos"):  # the processor's float32 -> the model's dtype
                 if key in inputs and inputs[key].is_floating_point():
                     inputs[key] = inputs[key].to(model.dtype)
@@ -290,6 +366,8 @@ def run_task(
         dtype=str(model.dtype).replace("torch.", ""),
         batch_size=batch_size,
         frames=frames if task.modality == "video" else None,
+        fps=fps if task.modality == "video" else None,
+        video_as_images=video_as_images if task.modality == "video" else None,
         seed=seed,
         peak_memory_mb=peak,
         environment=environment(device),
