@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from vtc.eval.data import find_video, load_images
+from vtc.eval.data import load_images, locate_video
 from vtc.eval.tasks import Task
 from vtc.progress import bar as progress_bar
 
@@ -130,9 +130,9 @@ def prepare(
 ) -> Any:
     """Processor inputs of a batch of docs (left-padded tensors).
 
-    A video task's clips are read with ``vtc.eval.video.read_frames`` (`frames`, `fps`, `short_videos`,
-    and a doc's ``start`` / ``end`` seconds); they go to the processor as videos, or with
-    `video_as_images` as one image per frame.
+    A video task's clips are found by ``vtc.eval.data.locate_video`` and read with
+    ``vtc.eval.video.read_frames`` (`frames`, `fps`, `short_videos`, the doc's window); they go to the
+    processor as videos, or with `video_as_images` as one image per frame.
     """
     from vtc.eval.video import read_frames
 
@@ -141,10 +141,8 @@ def prepare(
     for doc in docs:
         text = task.text(doc)
         if task.modality == "video":
-            window = {k: float(doc[k]) for k in ("start", "end") if doc.get(k) is not None}
-            clip = read_frames(
-                find_video(doc[task.visual], doc["_root"]), frames, fps=fps, short=short_videos, **window
-            )
+            path, window = locate_video(doc, task.visual)
+            clip = read_frames(path, frames, fps=fps, short=short_videos, **window)
             if not video_as_images:
                 videos.append(clip)
                 prompts.append(build_prompt(processor, text, 0, video=True))
@@ -229,14 +227,24 @@ def _dims(model: torch.nn.Module) -> Any:
         return None, None
 
 
-def _costs(inputs: Any, handle: Any, adapter: Any, dims: Any) -> list[dict[str, float]]:
+def _placeholder_count(input_ids: torch.Tensor, config: Any) -> torch.Tensor:
+    """Image and video placeholders per row, by the token ids a model's config names."""
+    names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+    ids = {getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)}
+    return torch.isin(input_ids, torch.tensor(sorted(ids), device=input_ids.device)).sum(-1)
+
+
+def _costs(inputs: Any, handle: Any, adapter: Any, dims: Any, config: Any = None) -> list[dict[str, float]]:
     """Per row: prefill FLOPs (compressed and dense, decoder layers) and visual tokens in / kept."""
     from vtc.flops import decoder_flops
 
     mask = inputs.get("attention_mask")
     n_rows = inputs["input_ids"].shape[0]
     lengths = mask.sum(-1).tolist() if mask is not None else [inputs["input_ids"].shape[1]] * n_rows
-    visual = adapter.visual_mask(inputs["input_ids"], None).sum(-1).tolist() if adapter is not None else [0] * n_rows
+    if adapter is not None:
+        visual = adapter.visual_mask(inputs["input_ids"], None).sum(-1).tolist()
+    else:  # a family vtc does not adapt (yet): its placeholders, by the config's token ids
+        visual = _placeholder_count(inputs["input_ids"], config).tolist() if config is not None else [0] * n_rows
     out = []
     for b in range(n_rows):
         row: dict[str, float] = {"visual_tokens": float(visual[b]), "visual_kept": float(visual[b])}
@@ -320,7 +328,7 @@ def run_task(
             clock = _FirstToken(device)
             _sync(device)
             t0 = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), _placeholders_explained(model, processor):
                 generated = model.generate(
                     **inputs,
                     max_new_tokens=max_new_tokens or task.max_new_tokens,
@@ -334,7 +342,7 @@ def run_task(
                 peak = max(peak or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
             new = generated[:, inputs["input_ids"].shape[1] :]
             texts = tok.batch_decode(new, skip_special_tokens=True)
-            costs = _costs(inputs, handle, adapter, dims)
+            costs = _costs(inputs, handle, adapter, dims, model.config)
             prefill_ms = ((clock.at or t1) - t0) * 1e3
             decode_ms = (t1 - (clock.at or t1)) * 1e3
             for doc, text, cost, ids in zip(batch, texts, costs, new, strict=True):
@@ -374,6 +382,26 @@ def run_task(
     )
     (run_dir / "run.json").write_text(json.dumps(summary, indent=2, default=_jsonable) + "\n")
     return summary
+
+
+@contextlib.contextmanager
+def _placeholders_explained(model: torch.nn.Module, processor: Any) -> Iterator[None]:
+    """Re-raise a forward's "features and tokens do not match" with what to check: the processor and the
+    model disagree on how many placeholders an image or a clip's frames take."""
+    from vtc import surface
+
+    try:
+        yield
+    except ValueError as exc:
+        if not surface.is_placeholder_mismatch(exc):
+            raise
+        family = getattr(model.config, "model_type", type(model).__name__)
+        raise ValueError(
+            f"{exc}. The processor ({type(processor).__name__}) wrote a different number of image / video "
+            f"placeholders than the {family} model makes features: load the processor saved with this checkpoint, "
+            f"or make its settings (patch_size, num_image_tokens, vision_feature_select_strategy, the video "
+            f"processor's size) match the model's config."
+        ) from exc
 
 
 def summarize(task: Task, pred_path: Path, docs: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
