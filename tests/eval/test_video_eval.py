@@ -73,16 +73,23 @@ def test_clips_of_different_lengths_in_one_batch_are_refused() -> None:
         videos([_clip(0, 3), _clip(1, 2)])
 
 
-def test_placeholders_that_do_not_fit_the_frames_are_errors() -> None:
-    """Two video placeholders for one clip: the processor refuses; a prompt missing one placeholder of a clip's
-    features: the forward refuses, and the runner says what to check."""
+def test_placeholders_that_do_not_fit_the_frames_are_errors(tmp_path, monkeypatch) -> None:
+    """A chat template writing two video placeholders for one clip: the runner refuses the prompt; a prompt
+    missing one placeholder of a clip's features: the forward refuses, and the runner says what to check."""
     import torch
 
-    from vtc.eval.runner import _placeholders_explained
+    from vtc.eval.runner import _placeholders_explained, prepare
 
     model, processor = tiny_llava_video("llava_next_video")
-    with pytest.raises(ValueError, match=r"2 <video> tokens and 1 videos"):
-        processor(text=["USER: <video> <video> what ? ASSISTANT:"], videos=[_clip(0, 4)], return_tensors="pt")
+    root = write_mvbench_repo(tmp_path / "MVBench")
+    docs = load_docs(get_task("mvbench"), root)
+    assert prepare(processor, get_task("mvbench"), docs[:1], 4)["pixel_values_videos"].shape[:2] == (1, 4)
+    doubled = processor.chat_template.replace("{{ '<video>\n' }}", "{{ '<video>\n<video>\n' }}")
+    assert doubled != processor.chat_template
+    monkeypatch.setattr(processor, "chat_template", doubled)
+    with pytest.raises(ValueError, match=r"holds 2 <video> placeholder\(s\) for 1 video\(s\).*chat template"):
+        prepare(processor, get_task("mvbench"), docs[:1], 4)
+    monkeypatch.undo()
     inputs = processor(text=["USER: <video> what ? ASSISTANT:"], videos=[_clip(0, 4)], return_tensors="pt")
     assert int((inputs["input_ids"] == model.config.video_token_index).sum()) == 16  # 4 frames x (4 / 2)^2
     keep = inputs["input_ids"][0] != model.config.video_token_index

@@ -118,6 +118,26 @@ def check_modality(model: torch.nn.Module, processor: Any, task: Task, video_as_
     )
 
 
+def _checked(processor: Any, prompt: str, doc: dict[str, Any], n_images: int, n_videos: int) -> str:
+    """`prompt`, after checking it holds one placeholder per image and per video of its doc.
+
+    A chat template that writes placeholders of its own (or drops ours) would otherwise pair the wrong
+    media with the wrong text, or fail deep inside the processor.
+    """
+    for kind, n in (("image", n_images), ("video", n_videos)):
+        token = getattr(processor, f"{kind}_token", None) or (f"<{kind}>" if kind == "image" else None)
+        if token is None:
+            continue
+        found = prompt.count(token)
+        if found != n:
+            raise ValueError(
+                f"the prompt of doc {doc.get('_id')!r} holds {found} {token} placeholder(s) for {n} {kind}(s): the "
+                f"processor's chat template writes {kind} placeholders of its own or drops them. Use the chat "
+                f"template saved with the checkpoint, or one that writes one {token} per {{'type': '{kind}'}} item."
+            )
+    return prompt
+
+
 def prepare(
     processor: Any,
     task: Task,
@@ -145,16 +165,16 @@ def prepare(
             clip = read_frames(path, frames, fps=fps, short=short_videos, **window)
             if not video_as_images:
                 videos.append(clip)
-                prompts.append(build_prompt(processor, text, 0, video=True))
+                prompts.append(_checked(processor, build_prompt(processor, text, 0, video=True), doc, 0, 1))
                 continue
             from PIL import Image
 
             images.extend(Image.fromarray(f) for f in clip)  # an image model sees the frames as images
-            prompts.append(build_prompt(processor, text, len(clip)))
+            prompts.append(_checked(processor, build_prompt(processor, text, len(clip)), doc, len(clip), 0))
         else:
             got = load_images(doc[task.visual], doc["_root"])
             images.extend(got)
-            prompts.append(build_prompt(processor, text, len(got)))
+            prompts.append(_checked(processor, build_prompt(processor, text, len(got)), doc, len(got), 0))
     kwargs: dict[str, Any] = {"text": prompts, "padding": True, "return_tensors": "pt"}
     if images:
         kwargs["images"] = images
