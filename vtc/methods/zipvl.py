@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from vtc import kernels
+from vtc import kernels, surface
 from vtc.config import MethodConfig, check_fraction, check_int
 from vtc.contexts import AttentionCall
 from vtc.engine.cache import FULL_BITS, CacheView
@@ -305,6 +305,12 @@ class ZipVL(Method):
         return out[:, :width]
 
     def _compress(self, view: CacheView) -> None:
+        if not surface.is_dynamic_cache(view.cache) or surface.has_sliding_layers(view.cache):
+            raise ValueError(
+                f"zipvl packs or evicts per layer, which needs the default DynamicCache without sliding-window "
+                f"layers; got {type(view.cache).__name__}. Do not pass cache_implementation='static' (or a "
+                f"StaticCache), and load Qwen models with use_sliding_window=False (their default)."
+            )
         state, start = view.last, view.last_column
         width = state.length
         if self.config.mode == "evict":
