@@ -36,6 +36,12 @@ class HookPoint(enum.Enum):
     GENERATE = "generate"  # the whole decoding loop
 
 
+def _video_families() -> list[str]:
+    from vtc.adapters import ADAPTERS
+
+    return [n for n in ADAPTERS.names() if "video" in ADAPTERS.get(n).modalities]
+
+
 class Method:
     """Base of every method.
 
@@ -60,6 +66,9 @@ class Method:
     #: Settings without a usable default that a user must give (speculative decoding's draft model);
     #: the method cannot run from its name alone.
     required_settings: ClassVar[tuple[str, ...]] = ()
+    #: The media the method acts on. A video-only method (VideoScan) needs a family that takes video
+    #: (``Adapter.modalities``) and leaves image inputs as they are.
+    media: ClassVar[frozenset[str]] = frozenset({"image", "video"})
 
     def __init__(self, config: MethodConfig) -> None:
         if not isinstance(config, self.config_cls):
@@ -74,6 +83,12 @@ class Method:
             raise MissingCapabilityError(
                 f"method {self.name!r} needs {', '.join(missing)}, which the {adapter.name!r} adapter does not "
                 f"provide; choose another method for this model family."
+            )
+        if not self.media & adapter.modalities:
+            raise MissingCapabilityError(
+                f"method {self.name!r} acts on {' and '.join(sorted(self.media))} input, and the {adapter.name!r} "
+                f"family takes only {' and '.join(sorted(adapter.modalities))}; wrap a family that takes video "
+                f"(supported: {', '.join(_video_families())})."
             )
         self.adapter = adapter
 
@@ -144,6 +159,20 @@ class Method:
         ``call.state`` is set in a prefill and None in a decode step. The returned function takes the
         fp32 post-softmax weights ``[B, Hq, Lq, Lk]`` and returns edited weights of the same shape, whose
         rows should still sum to one; the adapter then computes ``weights @ v`` for this layer only.
+        """
+        return None
+
+    # -- sparse attention (ATTENTION) ----------------------------------------------------------------
+    def sparse_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Decoder layers whose prefill attention this method may compute itself (``sparse_attention``)."""
+        return ()
+
+    def sparse_attention(self, call: AttentionCall) -> torch.Tensor | None:
+        """The attention output of one prefill call of a sparse layer, or None for the model's own kernel.
+
+        For methods whose prefill attends among a subset of the tokens (ZipVL): the method computes the
+        output itself from ``call`` (q, k, v, the layer's mask) without the L x L weights, and the layer
+        continues with it. Returns ``[B, Lq, Hq, D]`` in the query's dtype, as attention functions do.
         """
         return None
 
