@@ -101,7 +101,7 @@ def child(spec: str, frames: int, layers: int) -> dict:
         out = model(**inputs, use_cache=True, logits_to_keep=1)
     seconds = time.perf_counter() - start
     peak = resident_kib("VmHWM")
-    cache = out.past_key_values
+    cache = surface.output_cache(out)
     lengths = surface.layer_lengths(cache)
     row = {
         "method": spec,

@@ -162,8 +162,9 @@ def test_a_budget_per_image_keeps_that_many_of_every_image(family, spec):
         with vtc.apply(model, spec, keep=24, **settings) as handle:
             model(**forward_inputs(family, inputs))
             per_row = handle.stats.stages[-1].kept_positions
-    visual = adapter_for(model).visual_mask(inputs["input_ids"], None)
-    second_start = int(visual[1].nonzero()[int(visual[1].sum()) // 2])  # the two-image row's second image
+    adapter = adapter_for(model)
+    layout = adapter.layout(adapter.visual_mask(inputs["input_ids"], None), inputs)
+    second_start = int((layout.field("media")[1] == 1).nonzero()[0])  # the two-image row's second image
     assert [len(k) for k in per_image] == [24, 48] and [len(k) for k in per_row] == [24, 24]
     assert int((per_image[1] >= second_start).sum()) == 24  # 24 from each image of the two-image row
     assert torch.equal(per_image[0], per_row[0])  # one image: a row is that image

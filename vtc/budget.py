@@ -184,7 +184,7 @@ def keep_top_k(
     for g in range(k.shape[1]):
         pool = candidates if k.shape[1] == 1 else candidates & (units == g)
         picks = kernels.topk_gather(scores, k[:, g], valid=pool)  # indices [B, K] ascending, mask [B, K]
-        keep |= torch.zeros_like(candidates).scatter(1, picks.indices, picks.mask)
+        keep |= picks.as_mask(candidates.shape[1])
     return keep & candidates
 
 

@@ -102,9 +102,9 @@ class FlopsModule(types.ModuleType):
 
 
 def kv_cache_bytes(cache: Any) -> int:
-    """Bytes the KV cache `cache` (what ``model(..., use_cache=True).past_key_values`` returns) holds: every
-    layer's keys and values as stored, so a pruned cache counts its kept tokens and a quantized one its
-    packed codes, scales and zeros."""
-    from vtc import surface
+    """Bytes the KV cache `cache` (a forward's output cache, with ``use_cache=True``) holds: every layer's
+    keys and values as stored, so a pruned cache counts its kept tokens and a packed one (ZipVL) its
+    codes, scales and zero points."""
+    from vtc.engine.cache import kv_nbytes
 
-    return surface.cache_nbytes(cache)
+    return kv_nbytes(cache)

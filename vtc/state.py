@@ -158,7 +158,8 @@ class VisualTokenState:
         )
 
     def grids(self, row: int, present: torch.Tensor) -> Iterator[tuple[torch.Tensor, int, int]]:
-        """The complete grids of row `row`: for each image (and frame), its slots in raster order.
+        """The complete grids of row `row`: for each image, frame and crop (the base view or an anyres
+        tile), its slots in raster order.
 
         Args:
             row: the batch row.
@@ -171,8 +172,10 @@ class VisualTokenState:
         if self.coords is None:
             raise ValueError("this model family does not report where visual tokens sit in their image.")
         coords = self.coords[row]
-        for image, frame in torch.unique(coords[present][:, :2], dim=0).tolist():
-            slots = (present & (coords[:, 0] == image) & (coords[:, 1] == frame)).nonzero().flatten()
+        crop = self.layout.field("crop")[row]
+        keys = torch.cat([coords[:, :2], crop[:, None]], dim=1)  # (image, frame, crop): anyres tiles are own grids
+        for key in torch.unique(keys[present & (coords[:, 0] >= 0)], dim=0):
+            slots = (present & (keys == key).all(dim=1)).nonzero().flatten()
             rows, cols = int(coords[slots, 2].max()) + 1, int(coords[slots, 3].max()) + 1
             if len(slots) == rows * cols:
                 yield slots, rows, cols

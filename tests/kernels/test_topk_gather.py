@@ -183,3 +183,11 @@ def test_gpu_triton_matches_reference(case):
         actual = kernels.topk_gather(scores, k, *tensors, valid=valid)  # auto must pick Triton on CUDA
     assert rec == {"topk_gather": "triton"}
     check_same(actual, topk_gather_reference(scores, k, *tensors, valid=valid))
+
+
+def test_as_mask_keeps_a_pick_of_position_zero_when_other_rows_pick_more():
+    """Row 0 picks only position 0; its unused slots also hold 0 and must not clear the real pick."""
+    scores = torch.tensor([[9.0, 1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]])
+    picks = topk_gather_reference(scores, torch.tensor([1, 3]))
+    assert picks.indices[0].tolist() == [0, 0, 0] and picks.mask[0].tolist() == [True, False, False]
+    assert picks.as_mask(4).tolist() == [[True, False, False, False], [False, True, True, True]]

@@ -159,8 +159,10 @@ class Adapter:
         """Multiply-adds per token of all linear layers in `module` (a projector applied per token)."""
         return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
-    def image_token_counts(self, visual: torch.Tensor) -> list[int]:
-        """LLM visual tokens of each image in a batch: contiguous visual runs, split at fixed image sizes."""
+    def image_token_counts(self, visual: torch.Tensor, layout: VisualLayout | None = None) -> list[int]:
+        """LLM visual tokens of each image in a batch (of each tower pass, where the family's ``VisionDims``
+        counts passes): contiguous visual runs, split at fixed image sizes. Families whose counts need the
+        forward's `layout` (anyres tiles) read it."""
         dims = self.model_dims
         per_image = dims.vision.tokens_per_image if dims is not None and dims.vision is not None else None
         counts: list[int] = []

@@ -201,7 +201,7 @@ class Session:
         if kind is ForwardKind.PREFILL:
             if not self._in_extra:  # a decoding method's extra forward keeps the stats and buffers
                 self.stats = TokenStats(dims=self.stats.dims)
-                self.stats.image_tokens = self.adapter.image_token_counts(visual)
+                self.stats.image_tokens = self.adapter.image_token_counts(visual, layout)
                 self.pipeline.on_forward_start()
             if self.pipeline.prepass_layer is not None and self.pipeline.needs_prepass(state):
                 self._run_prepass(kwargs, self.pipeline.prepass_layer)

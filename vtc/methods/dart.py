@@ -193,7 +193,7 @@ class DART(Method):
             counts = torch.where(used, picks // n_piv + (rank < picks % n_piv).long(), 0)
 
         pivot_feats = z.gather(1, pos[..., None].expand(-1, -1, z.shape[-1])) * used[..., None]  # [B, P, d]
-        image_pivots = torch.zeros_like(visual).scatter(1, img_piv.indices, img_piv.mask)
+        image_pivots = img_piv.as_mask(visual.shape[1])
         picked = kernels.dup_select(z, pivot_feats, counts, visual & ~image_pivots)
         keep_all = visual & ~prune[:, None]  # rows with no more visual tokens than the budget
         return image_pivots | picked | keep_all

@@ -139,10 +139,7 @@ def important_tokens(scores: torch.Tensor, valid: torch.Tensor, tau: float) -> t
     last = valid & (rank == (n - 1)[:, None])
     normalised = normalised.masked_fill(last, float("inf"))
     picks = kernels.topk_gather(normalised, count, valid=valid)  # indices [B, K] ascending, mask [B, K]
-    # Unused pick slots point past the end, so they cannot overwrite a real pick at index 0.
-    keep = torch.zeros(valid.shape[0], valid.shape[1] + 1, dtype=torch.bool, device=valid.device)
-    keep.scatter_(1, torch.where(picks.mask, picks.indices, valid.shape[1]), True)
-    return keep[:, :-1] & valid
+    return picks.as_mask(valid.shape[1]) & valid
 
 
 def sparse_attention(

@@ -25,6 +25,16 @@ class TopK(NamedTuple):
     mask: torch.Tensor
     gathered: tuple[torch.Tensor, ...]
 
+    def as_mask(self, length: int) -> torch.Tensor:
+        """``[B, length]`` bool, true at the picked positions.
+
+        Unused slots point at position 0, so scattering ``mask`` at ``indices`` could let an unused slot
+        overwrite a real pick of position 0 (scatter order among equal indices is undefined); they are sent
+        to an extra column instead, which is then dropped.
+        """
+        out = torch.zeros(self.indices.shape[0], length + 1, dtype=torch.bool, device=self.indices.device)
+        return out.scatter_(1, torch.where(self.mask, self.indices, length), True)[:, :length]
+
 
 def check_topk_args(
     scores: torch.Tensor, k: int | torch.Tensor, tensors: tuple[torch.Tensor, ...], valid: torch.Tensor | None
