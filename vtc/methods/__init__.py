@@ -11,6 +11,7 @@ from vtc.methods import (  # noqa: F401  (registration)
     sparsevlm,
     specdec,
     var,
+    videoscan,
 )
 from vtc.methods.dart import DART, DARTConfig
 from vtc.methods.deco import DeCo, DeCoConfig
@@ -21,6 +22,7 @@ from vtc.methods.mustdrop import MustDrop, MustDropConfig
 from vtc.methods.random import Random, RandomConfig
 from vtc.methods.sparsevlm import SparseVLM, SparseVLMConfig
 from vtc.methods.var import VAR, VARConfig
+from vtc.methods.videoscan import VideoScan, VideoScanConfig
 
 __all__ = [
     "DART",
@@ -41,4 +43,6 @@ __all__ = [
     "SparseVLM",
     "SparseVLMConfig",
     "VARConfig",
+    "VideoScan",
+    "VideoScanConfig",
 ]
