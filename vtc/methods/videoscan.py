@@ -136,7 +136,7 @@ class VideoScan(Method):
     def generate(self, target: Any, stock: Any, *args: Any, **kwargs: Any) -> Any:
         if args:
             kwargs = {"input_ids": args[0], **kwargs}
-        if not self.config.scan or kwargs.get("pixel_values_videos") is None:
+        if not self.config.scan or not surface.carries_video(kwargs):
             return stock(**kwargs)  # nothing to scan: images and text decode as they are
         settings, inputs = generation_settings(target.model, kwargs)
         with torch.no_grad():
@@ -235,8 +235,7 @@ class Scanner:
         embeds, visual, layout, positions = self.target.embed(**inputs)
         if positions is None:
             positions = self.target.prompt_positions({**inputs, "attention_mask": mask.long()})
-        if positions.dim() == 3 and positions.shape[0] == 4:  # a text row before M-RoPE's three
-            positions = positions[1:]
+        positions = surface.position_rows(positions)
         if self.next_pos is None:
             self._start(ids.shape[0], positions)
         else:  # a later piece: its positions follow what the stream holds
@@ -254,10 +253,8 @@ class Scanner:
             out = self._step(step, embeds, positions)
             fed = torch.tensor([p is not None for p in step], device=embeds.device)
             logits = out if logits.shape[1] == 0 else torch.where(fed[:, None], out, logits)
-        for b in range(ids.shape[0]):
-            held = positions[..., b, :][..., mask[b]]
-            if held.numel():
-                self.next_pos[b] = torch.maximum(self.next_pos[b], held.max() + 1)
+        last = torch.where(mask, positions.reshape(-1, *mask.shape).amax(0), -1).amax(-1)  # [B]
+        self.next_pos = torch.maximum(self.next_pos, last + 1)  # a new tensor: snapshots hold the old one
         self._finish_stats()
         return logits
 
