@@ -259,3 +259,32 @@ def test_refusals_name_the_problem():
         with pytest.raises(ValueError, match="num_beams"):
             inputs, _ = batch_for(model, FAMILY, frames=[2, 2])
             model.generate(**inputs, num_beams=2, max_new_tokens=2)
+
+
+def test_the_fine_tune_trains_on_what_a_scan_computes():
+    """One training forward over the scan's sequence under its visibility gives the scan's logits, and a
+    few steps on one batch lower its loss (vtc.reference.videoscan_tune, the carrier path's fine-tune)."""
+    from vtc.reference.videoscan_tune import answer_loss, finetune, training_batch
+
+    model = tiny(FAMILY, num_layers=2)
+    inputs, _ = batch_for(model, FAMILY, frames=[4, 2])
+    labels = torch.where(torch.arange(inputs["input_ids"].shape[1]) >= inputs["input_ids"].shape[1] - 2,
+                         inputs["input_ids"], -100)  # fmt: skip
+    with vtc.apply(model, VideoScanConfig(memory=0)) as handle:
+        batch = training_batch(handle, inputs, labels)
+        expected = vtc.stream(handle).push(inputs)
+        handle.deactivate()
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    last = (batch["labels"] != -100).long().cumsum(1).argmax(1)  # each row's last labelled token
+    torch.testing.assert_close(logits[torch.arange(2), last], expected, atol=1e-4, rtol=1e-4)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        losses = finetune(model, [(inputs, labels)] * 4, steps=4, lr=1e-3)
+        assert len(losses) == 4 and losses[-1] < losses[0]
+        with torch.no_grad():
+            after = answer_loss(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"])
+        assert float(after) < losses[0]
+        assert all(p.requires_grad for p in model.parameters()) and not model.training
+    finally:
+        model.load_state_dict(state)

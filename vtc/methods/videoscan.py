@@ -283,9 +283,8 @@ class Scanner:
             number = torch.full_like(kind, -1)
             if frame is not None:
                 self.stats.frames[b] += 1
-                carrier = embeds[b, frame].float().mean(0).to(embeds.dtype)
-                centre = positions[..., b, frame].sum(-1, keepdim=True) // len(frame)  # floor of the mean
-                e, p = torch.cat([e, carrier[None]]), torch.cat([p, centre], dim=-1)
+                carrier, centre = carrier_of(embeds[b], positions[..., b, :], frame)
+                e, p = torch.cat([e, carrier[None]]), torch.cat([p, centre[..., None]], dim=-1)
                 kind = torch.cat([kind, kind.new_tensor([CARRIER])])
                 kind[len(text) : len(columns)] = FRAME
                 number = torch.full_like(kind, self.stats.frames[b] - 1)
@@ -445,6 +444,13 @@ class Scanner:
         for name, value in saved.items():
             setattr(self, name, value)
         self._finish_stats()
+
+
+def carrier_of(embeds: torch.Tensor, positions: torch.Tensor, frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A frame's carrier: the mean of its tokens' embeddings (``[L, d]`` at columns `frame`, in fp32, then
+    the model's dtype) and the floor of their mean position (``[..., L]`` positions, each M-RoPE row alike)."""
+    carrier = embeds[frame].float().mean(0).to(embeds.dtype)
+    return carrier, positions[..., frame].sum(-1) // len(frame)
 
 
 def most_similar_pair(carriers: torch.Tensor) -> int:
