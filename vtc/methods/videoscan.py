@@ -1,4 +1,4 @@
-"""VideoScan (Li et al. 2025, arXiv 2503.09387): one carrier token per frame, frames fed as a stream.
+"""VideoScan (arXiv 2503.09387): one carrier token per frame, frames fed as a stream.
 
 Each video frame is fed in its own extend forward, followed by a *carrier*: one extra token whose
 embedding is the mean of the frame's visual token embeddings (no parameters). Once the forward is done,
