@@ -39,6 +39,9 @@ CASES = [
 ]
 #: Frames per row of the video cases: enough tokens that every preset prunes (DART's r192 keeps 196).
 FRAMES = [8, 10, 6]
+#: Families that take equal frame counts get this many in every row (pooled frames hold fewer tokens), and
+#: an image in some rows.
+EQUAL_FRAMES = 16
 
 
 def method_batch(model, family: str, method: str):
@@ -57,6 +60,8 @@ def method_batch(model, family: str, method: str):
 def media_batch(model, family: str, media: str, rows: int = 2):
     """(padded batch, samples) of `rows` rows of different token counts, with images or with videos."""
     if media == "video":
+        if ADAPTERS.get(family).equal_frames:  # one [videos, frames, ...] tensor: rows differ by an image
+            return batch_for(model, family, images=[1, 0, 1][:rows], frames=[EQUAL_FRAMES] * rows, batch=rows)
         return batch_for(model, family, frames=FRAMES[:rows], batch=rows)
     images = [1, 1, 2] if family == FULL_SWEEP else [1, 1, 1]
     return batch_for(model, family, images=images[:rows] if rows > 2 else None, batch=rows)

@@ -76,6 +76,16 @@ class Pipeline:
                         f"only one method may edit a layer's attention."
                     )
                 self._edits[layer] = m
+        self._sparse: dict[int, Method] = {}
+        for m in self.methods:
+            for layer in m.sparse_layers(num_layers):
+                owner = self._sparse.get(layer) or self._edits.get(layer)
+                if owner is not None:
+                    raise MethodConflictError(
+                        f"{owner.name} and {m.name} both change how layer {layer} attends; only one method may "
+                        f"edit or replace a layer's attention."
+                    )
+                self._sparse[layer] = m
         self.output_methods = [m for m in self.methods if type(m).on_output is not Method.on_output]
         self.text_output_methods = [m for m in self.methods if type(m).on_text_output is not Method.on_text_output]
         self._vision_stages: dict[int, list[Method]] = defaultdict(list)
@@ -170,6 +180,14 @@ class Pipeline:
     @property
     def edit_layers(self) -> list[int]:
         return sorted(self._edits)
+
+    @property
+    def sparse_layers(self) -> list[int]:
+        return sorted(self._sparse)
+
+    def sparse_attention(self, call: AttentionCall) -> torch.Tensor | None:
+        method = self._sparse.get(call.layer_idx)
+        return method.sparse_attention(call) if method is not None else None
 
     def on_layer_input(self, ctx: LayerContext) -> None:
         for m in self._reads.get(ctx.layer_idx, []):

@@ -169,6 +169,20 @@ class Method:
         """
         return None
 
+    # -- sparse attention (ATTENTION) ----------------------------------------------------------------
+    def sparse_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Decoder layers whose prefill attention this method may compute itself (``sparse_attention``)."""
+        return ()
+
+    def sparse_attention(self, call: AttentionCall) -> torch.Tensor | None:
+        """The attention output of one prefill call of a sparse layer, or None for the model's own kernel.
+
+        For methods whose prefill attends among a subset of the tokens (ZipVL): the method computes the
+        output itself from ``call`` (q, k, v, the layer's mask) without the L x L weights, and the layer
+        continues with it. Returns ``[B, Lq, Hq, D]`` in the query's dtype, as attention functions do.
+        """
+        return None
+
     # -- outputs (GENERATE through stock generate) ---------------------------------------------------
     def on_text_output(self, hidden: torch.Tensor, state: VisualTokenState) -> None:
         """Read the text backbone's final (normed) hidden states ``[B, L, d]`` of a prefill, with its state."""

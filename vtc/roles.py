@@ -10,6 +10,8 @@ Roles of the ``Method`` base, found by the layers a method names:
 - Tap: ``tap_layers`` + ``on_attention``: read attention rows of a layer (``AttentionCall.rows``).
 - Reader: ``read_layers`` + ``on_layer_input``: read a layer's input hidden states.
 - AttentionEdit: ``edit_layers`` + ``edit_attention``: change a layer's post-softmax weights.
+- SparseAttention: ``sparse_layers`` + ``sparse_attention``: compute a prefill attention call's output
+  itself (attention among a subset of the tokens); one owner per layer, edits included.
 - OutputHook: ``on_output``: replace the model's output after a call (decoding through stock ``generate``).
 
 Roles found by the protocols below:

@@ -203,6 +203,21 @@ def set_layer_kv(cache: Any, i: int, keys: torch.Tensor, values: torch.Tensor) -
     layer.keys, layer.values = keys, values
 
 
+def cache_nbytes(cache: Any) -> int:
+    """Bytes a KV cache holds: every layer's keys and values (a layer that stores its tensors packed, as
+    a quantized layer does, reports its own ``nbytes``)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        own = getattr(layer, "nbytes", None)
+        if own is not None:
+            total += int(own() if callable(own) else own)
+            continue
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
 def cached_length(cache: Any, i: int = 0) -> int:
     """Tokens layer `i` of `cache` holds."""
     return cache.layers[i].get_seq_length()
@@ -211,6 +226,105 @@ def cached_length(cache: Any, i: int = 0) -> int:
 def layer_lengths(cache: Any) -> list[int]:
     """Tokens each layer holds (a cache vtc pruned holds fewer in its later layers)."""
     return [layer.get_seq_length() for layer in getattr(cache, "layers", [])]
+
+
+def layer_parts(cache: Any, i: int) -> tuple[list[Any], list[Any]]:
+    """Layer `i`'s keys and values as runs of tokens, oldest first: dense ``[B, Hkv, n, D]`` tensors and
+    packed stores (see ``pack_layer``). A plain layer is one dense run each."""
+    layer = cache.layers[i]
+    parts = getattr(layer, "_vtc_parts", None)
+    if parts is not None:
+        return list(parts["keys"]), list(parts["values"])
+    return [layer.keys], [layer.values]
+
+
+def pack_layer(cache: Any, i: int, keys: list[Any], values: list[Any]) -> None:
+    """Make layer `i` hold its tokens as `keys` / `values` runs (oldest first) instead of two dense tensors.
+
+    A run is a dense ``[B, Hkv, n, D]`` tensor or a packed store: an object with ``length`` (tokens),
+    ``nbytes`` (bytes held) and ``unpack()`` (the ``[B, Hkv, length, D]`` values it stands for). The layer
+    stays a transformers dynamic cache layer: ``update`` appends new tokens densely and hands attention
+    every run unpacked (so decoding reads the packed tokens' values, dequantized on the way, and the
+    packed bytes are all the cache keeps of them); anything that assigns ``keys`` / ``values`` (a crop,
+    a beam reorder, an eviction) makes the layer dense again, with the values it stood for.
+    """
+    layer = cache.layers[i]
+    if not isinstance(layer, _packed_layer_class()):
+        packed = _packed_layer_class()(layer)
+        cache.layers[i] = packed
+        layer = packed
+    layer._vtc_parts = {"keys": list(keys), "values": list(values)}
+
+
+def layer_nbytes(cache: Any, i: int) -> int:
+    """Bytes layer `i` of `cache` holds for its keys and values (packed runs count their packed bytes)."""
+    keys, values = layer_parts(cache, i)
+    return sum(_run_nbytes(p) for p in (*keys, *values))
+
+
+def _run_nbytes(run: Any) -> int:
+    if isinstance(run, torch.Tensor):
+        return run.numel() * run.element_size()
+    return 0 if run is None else int(run.nbytes)
+
+
+def _run_length(run: Any) -> int:
+    if isinstance(run, torch.Tensor):
+        return run.shape[-2] if run.dim() == 4 else 0
+    return int(run.length)
+
+
+def _unpack_run(run: Any) -> torch.Tensor:
+    return run if isinstance(run, torch.Tensor) else run.unpack()
+
+
+@functools.cache
+def _packed_layer_class() -> type:
+    """A ``DynamicLayer`` whose tokens are runs, some packed (``pack_layer``); made on first use."""
+    from transformers.cache_utils import DynamicLayer
+
+    def read(name: str) -> Callable[[Any], Any]:
+        def get(self: Any) -> torch.Tensor | None:
+            runs = self._vtc_parts[name]
+            if not runs:
+                return None
+            unpacked = [_unpack_run(r) for r in runs if _run_length(r)]
+            if not unpacked:
+                return runs[0]
+            return unpacked[0] if len(unpacked) == 1 else torch.cat(unpacked, dim=-2)
+
+        def put(self: Any, value: torch.Tensor | None) -> None:
+            self._vtc_parts[name] = [] if value is None else [value]
+
+        return property(get, put)
+
+    class PackedLayer(DynamicLayer):
+        keys = read("keys")
+        values = read("values")
+
+        def __init__(self, layer: Any) -> None:
+            self._vtc_parts = {"keys": [layer.keys], "values": [layer.values]}
+            for name, value in vars(layer).items():
+                if name not in ("keys", "values"):
+                    setattr(self, name, value)
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            for name, new in (("keys", key_states), ("values", value_states)):
+                runs = self._vtc_parts[name]
+                if runs and isinstance(runs[-1], torch.Tensor):
+                    runs[-1] = torch.cat([runs[-1], new], dim=-2) if _run_length(runs[-1]) else new
+                else:
+                    runs.append(new)
+            self.is_initialized = True
+            self.device = key_states.device
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return sum(_run_length(r) for r in self._vtc_parts["keys"])
+
+    return PackedLayer
 
 
 def crop_cache(cache: Any, max_length: int) -> None:

@@ -30,6 +30,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
 
     name = "llava_next_video"
     model_types = ("llava_next_video",)
+    equal_frames = True
     modalities: ClassVar[frozenset[str]] = frozenset({"image", "video"})
 
     model_class = "LlavaNextVideoForConditionalGeneration"

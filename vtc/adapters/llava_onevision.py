@@ -39,6 +39,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     name = "llava_onevision"
     model_types = ("llava_onevision",)
+    equal_frames = True
     modalities: ClassVar[frozenset[str]] = frozenset({"image", "video"})
 
     model_class = "LlavaOnevisionForConditionalGeneration"

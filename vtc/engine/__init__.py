@@ -4,7 +4,7 @@ Family adapters (``vtc.adapters``) are stateless and describe a model; everythin
 forward lives here.
 """
 
-from vtc.engine.cache import CacheView, QuantizedKV, dequantize, quantize
+from vtc.engine.cache import CacheView, MixedKV, QuantizedKV, dequantize, kv_nbytes, quantize
 from vtc.engine.dispatch import ModelSessions
 from vtc.engine.record import CacheRecord, Chunk, ForwardKind, Segment
 from vtc.engine.session import Session
@@ -14,10 +14,12 @@ __all__ = [
     "CacheView",
     "Chunk",
     "ForwardKind",
+    "MixedKV",
     "ModelSessions",
     "QuantizedKV",
     "Segment",
     "Session",
     "dequantize",
+    "kv_nbytes",
     "quantize",
 ]

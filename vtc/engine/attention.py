@@ -3,7 +3,8 @@
 A session that taps or edits attention switches the text model's (or the vision tower's) attention
 implementation to ``vtc_<original>``, registered with transformers. That function runs the original
 implementation unchanged, so sdpa and flash keep running, and hands the call to the session active on
-the model when it taps or edits that layer. Edits recompute the one edited layer with eager maths.
+the model when it taps or edits that layer. Edits recompute the one edited layer with eager maths; a
+method's sparse attention (``Method.sparse_attention``) replaces a prefill call's output with its own.
 """
 
 from __future__ import annotations
@@ -73,8 +74,11 @@ def _vtc_attention_for(original: str) -> Callable[..., Any]:
         causal = getattr(module, "is_causal", True)
         call = AttentionCall(layer, query, key, value, attention_mask, scaling, causal=causal)
         edit = session.attention_edit(part, call)
+        sparse = session.sparse_attention(part, call) if edit is None else None
         if edit is not None:
             out = edited_attention(module, query, key, value, attention_mask, scaling, edit)
+        elif sparse is not None:
+            out = (sparse, None)
         else:
             out = impl(module, query, key, value, attention_mask, **kwargs)
         session.attention_tap(part, call)

@@ -1,5 +1,9 @@
 """CacheView: evict, quantize and crop a KV cache while vtc's record of it stays true.
 
+``CacheView.pack`` keeps a layer's tokens in mixed precision for real: the cache then holds the packed
+codes (``MixedKV``, made by the ``vtc.kernels.kv_quantize`` kernel) and dequantizes them when attention
+reads the layer. ``quantize`` / ``dequantize`` below only simulate quantization (dense values written back).
+
 Every layer's cache is the concatenation of its chunks' slots (``vtc.engine.record``) and the dense
 tokens after the last chunk. The view addresses tokens by the caller's columns (position in the
 sequence of everything fed so far), which mean the same thing in every layer, so an eviction or a crop
@@ -13,7 +17,7 @@ from typing import Any
 
 import torch
 
-from vtc import surface
+from vtc import kernels, surface
 from vtc.engine.record import RECORD_ATTR, CacheRecord, Chunk, Segment, plan_slots, record_of, segment_at
 from vtc.state import VisualTokenState
 
@@ -54,6 +58,76 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> QuantizedKV:
 def dequantize(q: QuantizedKV) -> torch.Tensor:
     codes = q.codes.unflatten(-1, (q.scale.shape[-2], -1)).float()  # [..., G, group]
     return (codes * q.scale + q.low).flatten(-2).to(q.dtype)
+
+
+#: A precision at which tokens are kept as they are (not quantized).
+FULL_BITS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedKV:
+    """Keys or values ``[B, H, L, D]`` of one layer, each token kept at one of two precisions.
+
+    Tokens where `high` is true are stored at the first precision, the others at the second; each set
+    is a list of whole tokens ``[N, H, D]`` quantized group-wise along ``D`` by ``vtc.kernels.kv_quantize``
+    (or kept as they are at ``FULL_BITS``), so rows of a batch may keep different counts at each precision.
+
+    Attributes:
+        high: ``[B, L]`` bool, the tokens at the first precision.
+        parts: the tokens at the first and at the second precision, in row-major order of `high`: a
+            ``QuantizedKV`` of ``[N, H, D]``, a tensor ``[N, H, D]`` (full precision), or None (no token).
+        shape: ``(B, H, L, D)``.
+        dtype: the values' dtype.
+    """
+
+    high: torch.Tensor
+    parts: tuple[Any, Any]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def pack(cls, x: torch.Tensor, high: torch.Tensor, bits: tuple[int, int], group: int) -> MixedKV:
+        """Quantize `x` ``[B, H, L, D]``: tokens where `high` ``[B, L]`` holds at ``bits[0]``, others at ``bits[1]``."""
+        tokens = x.transpose(1, 2)  # [B, L, H, D]
+        parts = []
+        for chosen, b in ((high, bits[0]), (~high, bits[1])):
+            picked = tokens[chosen]  # [N, H, D]
+            if not picked.shape[0]:
+                parts.append(None)
+            elif b >= FULL_BITS:
+                parts.append(picked.contiguous())
+            else:
+                parts.append(kernels.kv_quantize(picked, b, group))
+        return cls(high.clone(), (parts[0], parts[1]), tuple(x.shape), x.dtype)
+
+    @property
+    def length(self) -> int:
+        return self.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: codes, scales and zero points (or full values), and the precision map."""
+        held = self.high.numel() * self.high.element_size()
+        for part in self.parts:
+            if isinstance(part, torch.Tensor):
+                held += part.numel() * part.element_size()
+            elif part is not None:
+                held += part.nbytes
+        return held
+
+    def unpack(self) -> torch.Tensor:
+        """The ``[B, H, L, D]`` values the codes stand for (``vtc.kernels.kv_dequantize``)."""
+        batch, heads, length, dim = self.shape
+        out = torch.zeros(batch, length, heads, dim, dtype=self.dtype, device=self.high.device)
+        for chosen, part in ((self.high, self.parts[0]), (~self.high, self.parts[1])):
+            if part is not None:
+                out[chosen] = part if isinstance(part, torch.Tensor) else kernels.kv_dequantize(part)
+        return out.transpose(1, 2)
+
+
+def kv_nbytes(cache: Any) -> int:
+    """Bytes a KV cache holds for keys and values over all layers (packed layers count their packed bytes)."""
+    return sum(surface.layer_nbytes(cache, j) for j in range(surface.num_cache_layers(cache)))
 
 
 class CacheView:
@@ -126,17 +200,24 @@ class CacheView:
         return chunks
 
     # -- evict -----------------------------------------------------------------------------------------
-    def evict(self, drop: torch.Tensor, from_layer: int = 0) -> None:
-        """Remove the tokens at the caller's columns `drop` from the caches of layers `from_layer`..
+    def evict(self, drop: torch.Tensor, from_layer: int = 0, to_layer: int | None = None) -> None:
+        """Remove the tokens at the caller's columns `drop` from the caches of layers `from_layer`..`to_layer` - 1.
 
         Args:
             drop: ``[B, columns]`` true for the columns (tokens fed so far) to evict.
             from_layer: the first layer that loses them; earlier layers keep them.
+            to_layer: the first layer after them that keeps them again (None: none does), so that each
+                layer can lose its own tokens (ZipVL's evict mode).
         """
         if drop.shape[1] != self.columns:
             raise ValueError(f"drop has {drop.shape[1]} columns; the cache covers {self.columns}.")
+        to_layer = self.num_layers if to_layer is None else to_layer
+        if not 0 <= from_layer < to_layer <= self.num_layers:
+            raise ValueError(
+                f"evict needs 0 <= from_layer < to_layer <= {self.num_layers}; got {from_layer}..{to_layer}."
+            )
         chunks = self._chunks(materialize=True)
-        for j in range(from_layer, self.num_layers):
+        for j in range(from_layer, to_layer):
             keys, values = surface.layer_kv(self.cache, j)
             new_k, new_v, offset = [], [], 0
             for chunk in chunks:
@@ -150,7 +231,7 @@ class CacheView:
                 offset += n
             surface.set_layer_kv(self.cache, j, torch.cat(new_k, dim=2), torch.cat(new_v, dim=2))
         for chunk in chunks:
-            chunk.segments = self._split(chunk, drop, from_layer)
+            chunk.segments = self._split(chunk, drop, from_layer, to_layer)
 
     @staticmethod
     def _kept_slots(chunk: Chunk, state: Any, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,13 +239,13 @@ class CacheView:
         keep = (state.index >= 0) & ~drop.gather(1, columns)
         return plan_slots(keep)
 
-    def _split(self, chunk: Chunk, drop: torch.Tensor, from_layer: int) -> list[Segment]:
-        """The chunk's layer runs after evicting `drop` from layers `from_layer`.."""
-        starts = sorted({s.start for s in chunk.segments} | {from_layer})
+    def _split(self, chunk: Chunk, drop: torch.Tensor, from_layer: int, to_layer: int) -> list[Segment]:
+        """The chunk's layer runs after evicting `drop` from layers `from_layer`..`to_layer` - 1."""
+        starts = sorted({s.start for s in chunk.segments} | {from_layer} | ({to_layer} - {self.num_layers}))
         out = []
         for start in starts:
             seg = segment_at(chunk.segments, start)
-            if start < from_layer:
+            if start < from_layer or start >= to_layer:
                 out.append(seg if seg.start == start else dataclasses.replace(seg, start=start))
                 continue
             slots, filled = self._kept_slots(chunk, seg.state, drop)
@@ -190,6 +271,42 @@ class CacheView:
             if k.codes.shape != keys.shape:
                 raise ValueError(f"layer {j} holds {tuple(keys.shape)} now; these codes are {tuple(k.codes.shape)}.")
             surface.set_layer_kv(self.cache, j, dequantize(k), dequantize(v))
+
+    def pack(self, layer: int, high: torch.Tensor, bits: tuple[int, int], group: int) -> None:
+        """Keep every slot of `layer` in mixed precision: `high` ``[B, slots]`` at ``bits[0]``, the rest at ``bits[1]``.
+
+        The layer then holds the packed codes (``MixedKV``) and dequantizes them whenever attention reads
+        it; tokens added later stay dense until ``pack_dense`` packs them. Slots and the record are unchanged.
+        """
+        keys, values = surface.layer_kv(self.cache, layer)
+        if high.shape != keys.shape[:1] + keys.shape[2:3]:
+            held = tuple(keys.shape[:1] + keys.shape[2:3])
+            raise ValueError(f"high is {tuple(high.shape)}; layer {layer} holds {held} (batch, slots).")
+        surface.pack_layer(
+            self.cache, layer, [MixedKV.pack(keys, high, bits, group)], [MixedKV.pack(values, high, bits, group)]
+        )
+
+    def dense_run(self, layer: int) -> int:
+        """Tokens at the end of `layer` held dense (all of them for a layer never packed)."""
+        keys, _ = surface.layer_parts(self.cache, layer)
+        last = keys[-1] if keys else None
+        return last.shape[2] if isinstance(last, torch.Tensor) and last.dim() == 4 else 0
+
+    def pack_dense(self, layer: int, bits: int, group: int) -> None:
+        """Pack the dense tokens at the end of `layer` at `bits` (decoded tokens, after ``pack``)."""
+        if not self.dense_run(layer):
+            return
+        keys, values = surface.layer_parts(self.cache, layer)
+        runs = []
+        for parts in (keys, values):
+            tail = parts[-1]
+            high = torch.ones(tail.shape[0], tail.shape[2], dtype=torch.bool, device=tail.device)
+            runs.append([*parts[:-1], MixedKV.pack(tail, high, (bits, bits), group)])
+        surface.pack_layer(self.cache, layer, *runs)
+
+    def nbytes(self) -> int:
+        """Bytes the cache holds for keys and values (``kv_nbytes``)."""
+        return kv_nbytes(self.cache)
 
     # -- crop --------------------------------------------------------------------------------------------
     def crop(self, columns: int) -> None:

@@ -103,7 +103,7 @@ class Session:
         tower_layers = self.adapter.vision_encoder_layers()
         if tower_layers is not None:
             pipeline.bind_vision(len(tower_layers))
-        self.text_attention_layers = set(pipeline.tap_layers) | set(pipeline.edit_layers)
+        self.text_attention_layers = set(pipeline.tap_layers) | set(pipeline.edit_layers) | set(pipeline.sparse_layers)
 
     # -- attention routing ---------------------------------------------------------------------------
     def attends(self, part: str, layer: int) -> bool:
@@ -116,7 +116,7 @@ class Session:
         if layer in self.pipeline.edit_layers and not self._in_prepass:
             return True
         if fwd.prefill:  # the pre-pass belongs to the prefill: its taps read
-            return layer in self.pipeline.tap_layers
+            return layer in self.pipeline.tap_layers or (layer in self.pipeline.sparse_layers and not self._in_prepass)
         return fwd.kind is ForwardKind.EXTEND and layer in self.pipeline.extend_tap_layers
 
     def attention_edit(self, part: str, call: AttentionCall) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -125,6 +125,14 @@ class Session:
         return self.pipeline.edit_attention(
             dataclasses.replace(call, state=self.fwd.state if self.fwd.prefill else None)
         )
+
+    def sparse_attention(self, part: str, call: AttentionCall) -> torch.Tensor | None:
+        """A method's own output for a prefill attention call of a sparse layer (None: the model's kernel)."""
+        if part != "text" or self._in_prepass or not self.fwd.prefill:
+            return None
+        if call.layer_idx not in self.pipeline.sparse_layers:
+            return None
+        return self.pipeline.sparse_attention(dataclasses.replace(call, state=self.fwd.state))
 
     def attention_tap(self, part: str, call: AttentionCall) -> None:
         if part == "vision":

@@ -12,6 +12,7 @@ from vtc.methods import (  # noqa: F401  (registration)
     specdec,
     var,
     videoscan,
+    zipvl,
 )
 from vtc.methods.dart import DART, DARTConfig
 from vtc.methods.deco import DeCo, DeCoConfig
@@ -23,6 +24,7 @@ from vtc.methods.random import Random, RandomConfig
 from vtc.methods.sparsevlm import SparseVLM, SparseVLMConfig
 from vtc.methods.var import VAR, VARConfig
 from vtc.methods.videoscan import VideoScan, VideoScanConfig
+from vtc.methods.zipvl import ZipVL, ZipVLConfig
 
 __all__ = [
     "DART",
@@ -45,4 +47,6 @@ __all__ = [
     "VARConfig",
     "VideoScan",
     "VideoScanConfig",
+    "ZipVL",
+    "ZipVLConfig",
 ]

@@ -381,11 +381,7 @@ class Scanner:
         return out
 
     def cache_bytes(self) -> int:
-        total = 0
-        for j in range(surface.num_cache_layers(self.cache)):
-            keys, values = surface.layer_kv(self.cache, j)
-            total += keys.numel() * keys.element_size() + values.numel() * values.element_size()
-        return total
+        return surface.cache_nbytes(self.cache)
 
     def _finish_stats(self) -> None:
         s = self.stats
