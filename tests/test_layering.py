@@ -47,6 +47,7 @@ UPPER = (
     "vtc.bench",
     "vtc.oracle",
     "vtc.reference",
+    "vtc.stream",
 )
 # The FLOPs formula takes shapes and counts; resolving names and specs is vtc.measure's job.
 FLOPS_MUST_NOT_IMPORT = ("vtc.adapters", "vtc.method", "vtc.methods", "vtc.config", "vtc.api")

@@ -24,6 +24,7 @@ from vtc.errors import (
 )
 from vtc.flops import FlopsReport, ModelDims
 from vtc.measure import FlopsModule
+from vtc.stream import VideoStream, stream
 
 # ``vtc.flops`` is the module (``vtc.flops.ModelDims``, ``import vtc.flops``) and also the FLOPs function
 # (``vtc.flops("llava-1.5-7b", "dart.r128")``): the module gets a callable class here, in the API layer,
@@ -43,10 +44,12 @@ __all__ = [
     "UnsupportedModelError",
     "UnsupportedTransformersError",
     "VTCError",
+    "VideoStream",
     "apply",
     "flops",
     "list_adapters",
     "list_methods",
     "resolve",
+    "stream",
     "wrap",
 ]

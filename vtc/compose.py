@@ -44,6 +44,8 @@ class Pipeline:
             raise MethodConflictError(
                 f"{' and '.join(generators)} each replace the decoding loop; only one decoding method can run."
             )
+        for m in self.methods:
+            m.check_company([o for o in self.methods if o is not m])
         #: The method that owns the decoding loop (installed as the model's ``generate``), if any.
         self.generator: Generator | None = next((m for m in self.methods if isinstance(m, Generator)), None)
         #: Methods that act on the KV cache after a forward, in the order given.

@@ -92,6 +92,13 @@ class Method:
             )
         self.adapter = adapter
 
+    def check_company(self, others: list[Method]) -> None:
+        """Raise ``MethodConflictError`` when this method cannot run beside `others` (checked at wrap).
+
+        For methods that change how the prompt is fed (VideoScan feeds a video frame by frame), which
+        other methods' stages would then never see.
+        """
+
     # -- pruning stages (LAYER, EMBEDS) -------------------------------------------------------------
     def prune_layers(self, num_layers: int) -> tuple[int, ...]:
         """Decoder layers at whose input this method prunes (0 = the embeddings) in a model of `num_layers`."""

@@ -280,6 +280,38 @@ class SpeculativeStats:
 
 
 @dataclasses.dataclass
+class ScanStats:
+    """What a streaming scan did (see ``vtc.methods.videoscan``): frames fed, the carrier bank, the cache.
+
+    Attributes:
+        frames: per row, the frames fed so far (a Qwen frame is one temporal patch of two video frames).
+        carriers: per row, the carriers in the memory bank now.
+        evicted: per row, carriers dropped from the bank (with the frame tokens they kept).
+        kept_tokens: per row, frame tokens kept beside the carriers ("+" mode).
+        forwards: forwards of the text backbone the scan ran (one per frame, plus the text between).
+        cache_slots: slots of each layer's KV cache after the scan (padding slots of a batch included).
+        cache_bytes: bytes of the KV cache's keys and values after the scan, all layers.
+        peak_cache_bytes: the most the cache held during the scan (just before a frame's tokens left it).
+    """
+
+    frames: list[int] = dataclasses.field(default_factory=list)
+    carriers: list[int] = dataclasses.field(default_factory=list)
+    evicted: list[int] = dataclasses.field(default_factory=list)
+    kept_tokens: list[int] = dataclasses.field(default_factory=list)
+    forwards: int = 0
+    cache_slots: int = 0
+    cache_bytes: int = 0
+    peak_cache_bytes: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"scan: frames {self.frames}, carriers {self.carriers} (evicted {self.evicted}), kept frame tokens "
+            f"{self.kept_tokens}; cache {self.cache_slots} slots, {self.cache_bytes / 2**20:.2f} MiB "
+            f"(peak {self.peak_cache_bytes / 2**20:.2f} MiB) after {self.forwards} forwards"
+        )
+
+
+@dataclasses.dataclass
 class TokenStats:
     """Statistics of the last prefill (and the decode steps that followed it).
 
@@ -314,6 +346,8 @@ class TokenStats:
     dims: ModelDims | None = dataclasses.field(default=None, repr=False)
     #: Set by speculative decoding after its ``generate`` returns.
     speculative: SpeculativeStats | None = None
+    #: Set by a streaming scan (VideoScan) after it fed its input: frames, carriers, KV cache bytes.
+    scan: ScanStats | None = None
 
     @property
     def batch_size(self) -> int:
@@ -363,6 +397,8 @@ class TokenStats:
             lines.append(f"prefill FLOPs {f.prefill:.4g} vs dense {f.prefill_dense:.4g} ({f.prefill_ratio:.1%})")
         if self.speculative is not None:
             lines.append(self.speculative.summary())
+        if self.scan is not None:
+            lines.append(self.scan.summary())
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -158,6 +158,17 @@ def carries_media(kwargs: dict[str, Any]) -> bool:
     return False
 
 
+def carries_video(kwargs: dict[str, Any]) -> bool:
+    """Whether a multimodal forward's (or generate's) arguments bring a video's pixels."""
+    return kwargs.get("pixel_values_videos") is not None
+
+
+def position_rows(positions: torch.Tensor) -> torch.Tensor:
+    """Position ids as the rotary embedding reads them: M-RoPE's ``[3, B, L]`` without the text row that
+    transformers puts first in its 4-row form (``[4, B, L]``); ``[B, L]`` and 3-row ids as they are."""
+    return positions[1:] if positions.dim() == 3 and positions.shape[0] == 4 else positions
+
+
 # -- the KV cache -----------------------------------------------------------------------------------
 def new_cache(config: Any) -> Any:
     """An empty dynamic cache, as the text backbone would make it for `config`."""

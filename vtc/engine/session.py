@@ -32,6 +32,14 @@ class _PrepassDone(Exception):  # noqa: N818  (control flow, not an error)
     """Raised after the pre-pass's last layer to stop the backbone (caught by the session)."""
 
 
+class _Embedded(Exception):  # noqa: N818  (control flow, not an error)
+    """Raised at the text backbone's input during ``Session.embed``, carrying what the model merged."""
+
+    def __init__(self, embeds: torch.Tensor, pending: Any, positions: torch.Tensor | None) -> None:
+        super().__init__()
+        self.embeds, self.pending, self.positions = embeds, pending, positions
+
+
 class BoundAdapter:
     """The family adapter as one session's methods see it: its parts and shapes, plus the session's
     forward in progress (``current_cache``) and ``run_extra``."""
@@ -51,6 +59,9 @@ class BoundAdapter:
 
     def run_extra(self, **kwargs: Any) -> Any:
         return self._session().run_extra(**kwargs)
+
+    def embed(self, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor | None]:
+        return self._session().embed(**inputs)
 
     @property
     def stats(self) -> TokenStats:
@@ -84,6 +95,7 @@ class Session:
         self._pending_visual: torch.Tensor | None = None
         self._in_prepass = False
         self._in_extra = False
+        self._in_embed = False
 
     def set_pipeline(self, pipeline: Pipeline) -> None:
         """Take the pipeline of methods bound to ``self.bound``; index what the hooks need."""
@@ -143,6 +155,9 @@ class Session:
     def on_text_start(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self._in_prepass:
             return args, kwargs
+        if self._in_embed:
+            pending, self._pending_visual = self._pending_visual, None
+            raise _Embedded(kwargs.get("inputs_embeds"), pending, kwargs.get(surface.POSITION_IDS))
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             raise ValueError(
@@ -299,6 +314,32 @@ class Session:
             self.fwd = saved
         self.stats.extra_forwards += 1
         return out
+
+    def embed(self, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor | None]:
+        """The multimodal model's merged input embeddings of `inputs`, without running the text backbone.
+
+        For methods that feed the text backbone themselves in pieces (VideoScan feeds a video frame by
+        frame): the model's own vision path encodes and places the images and videos, whatever the family.
+        Vision-tower stages run as in any forward; nothing is cached and no statistics change.
+
+        Returns:
+            ``(embeds [B, L, d], visual [B, L], layout, positions)``: the embeddings the text backbone would
+            receive, where the visual tokens are, their ``VisualLayout`` (None without visual tokens), and
+            the position ids the model computed for them (M-RoPE families; None where the backbone numbers
+            positions itself).
+        """
+        if self._in_embed or self._in_extra:
+            raise RuntimeError("embed cannot run inside another forward of the same session.")
+        self._in_embed = True
+        try:
+            self.model(**inputs, use_cache=False)
+        except _Embedded as done:
+            visual, layout = done.pending
+            return done.embeds, visual, layout, done.positions
+        finally:
+            self._in_embed = False
+            self._pending_visual = None
+        raise RuntimeError("the model returned without calling its text backbone; vtc cannot embed its input.")
 
     # -- checks and statistics -----------------------------------------------------------------------
     @staticmethod

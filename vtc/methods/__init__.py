@@ -11,6 +11,7 @@ from vtc.methods import (  # noqa: F401  (registration)
     sparsevlm,
     specdec,
     var,
+    videoscan,
     zipvl,
 )
 from vtc.methods.dart import DART, DARTConfig
@@ -22,6 +23,7 @@ from vtc.methods.mustdrop import MustDrop, MustDropConfig
 from vtc.methods.random import Random, RandomConfig
 from vtc.methods.sparsevlm import SparseVLM, SparseVLMConfig
 from vtc.methods.var import VAR, VARConfig
+from vtc.methods.videoscan import VideoScan, VideoScanConfig
 from vtc.methods.zipvl import ZipVL, ZipVLConfig
 
 __all__ = [
@@ -43,6 +45,8 @@ __all__ = [
     "SparseVLM",
     "SparseVLMConfig",
     "VARConfig",
+    "VideoScan",
+    "VideoScanConfig",
     "ZipVL",
     "ZipVLConfig",
 ]
