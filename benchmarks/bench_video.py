@@ -6,8 +6,10 @@ either), and a small SigLIP tower whose
 frames pool 2 x 2 to 4 tokens each (plus the video's newline token). Every (method, frames) pair runs in a
 fresh Python process, so its peak resident memory is its own: the process resets its high-water mark
 (``/proc/self/clear_refs``) after building the model and the input, then runs one prefill with a KV cache.
-Printed per row: visual tokens in, tokens the cache holds per layer (mean), KV-cache bytes, the ratio to
-dense at the same frame count, peak memory above the pre-prefill baseline, and the prefill's wall time.
+VideoScan scans the video frame by frame through ``vtc.stream`` (a plain forward stays dense under it);
+the others run one forward. Printed per row: visual tokens in, tokens the cache holds per layer (mean),
+KV-cache bytes, the ratio to dense at the same frame count, peak memory above the pre-prefill baseline,
+and the prefill's wall time.
 Rows go to benchmarks/results/video.csv with date, device and command.
 
     python benchmarks/bench_video.py                          # 16, 64, 256, 1024 frames; every method
@@ -94,14 +96,19 @@ def child(spec: str, frames: int, layers: int) -> dict:
     model = onevision_like(layers)
     inputs = video_input(frames)
     handle = None if spec == "dense" else vtc.wrap(model, spec)
+    scan = spec.split(".")[0] == "videoscan"  # a plain forward is dense under VideoScan: the stream scans
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts from here
     base = resident_kib("VmRSS")
     start = time.perf_counter()
     with torch.no_grad():
-        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        if scan:
+            stream = vtc.stream(handle)
+            stream.push(inputs)
+            cache = stream.cache
+        else:
+            cache = surface.output_cache(model(**inputs, use_cache=True, logits_to_keep=1))
     seconds = time.perf_counter() - start
     peak = resident_kib("VmHWM")
-    cache = surface.output_cache(out)
     lengths = surface.layer_lengths(cache)
     row = {
         "method": spec,

@@ -30,6 +30,7 @@ import torch
 from vtc import kernels, surface
 from vtc.budget import keep_top_k
 from vtc.config import MethodConfig, check_int
+from vtc.engine.cache import kv_nbytes
 from vtc.engine.record import plan_slots
 from vtc.errors import MethodConflictError
 from vtc.method import AttentionCall, HookPoint, Method, register_method
@@ -381,7 +382,7 @@ class Scanner:
         return out
 
     def cache_bytes(self) -> int:
-        return surface.cache_nbytes(self.cache)
+        return kv_nbytes(self.cache)
 
     def _finish_stats(self) -> None:
         s = self.stats
