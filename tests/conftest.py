@@ -30,10 +30,12 @@ def tiny(family: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32, **
     return _MODELS[key]
 
 
-def batch_for(model, family: str, images: list[int] | None = None, batch: int = 2, seed: int = 0):
-    """(padded batch, per-row unpadded samples) for `model`."""
+def batch_for(
+    model, family: str, images: list[int] | None = None, batch: int = 2, seed: int = 0, frames: list[int] | None = None
+):
+    """(padded batch, per-row unpadded samples) for `model`; ``frames`` gives each row a video of that many frames."""
     adapter = ADAPTERS.get(family)
-    samples = adapter.make_samples(model, batch=batch, seed=seed, images=images)
+    samples = adapter.make_samples(model, batch=batch, seed=seed, images=images, frames=frames)
     return adapter.collate(model, samples), samples
 
 
@@ -53,9 +55,9 @@ def forward_inputs(family: str, inputs: dict) -> dict:
 
     LLaVA's forward numbers positions 0..L-1 whatever the padding (transformers' behaviour; ``generate``
     derives them from the mask), so a padded row only matches its unpadded run with explicit positions.
-    Qwen derives its M-RoPE positions from the attention mask itself.
+    Qwen derives its M-RoPE positions from the attention mask itself (``Adapter.mrope``).
     """
-    if family != "llava" or "attention_mask" not in inputs:
+    if ADAPTERS.get(family).mrope or "attention_mask" not in inputs:
         return inputs
     positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     return {**inputs, "position_ids": positions}

@@ -14,7 +14,7 @@ from vtc.budget import Budget, keep_top_k
 from vtc.config import MethodConfig
 from vtc.method import AttentionScoredPruner, LayerContext, get_method, realign
 from vtc.methods.random import RandomConfig, token_hash
-from vtc.state import VisualTokenState
+from vtc.state import VisualLayout, VisualTokenState
 
 N = torch.tensor([0, 3, 10, 300])  # units holding these many visual tokens
 
@@ -52,9 +52,7 @@ def test_counts_keep_the_shape_of_the_units():
         ({"keep": 3, "ratio": 0.5}, "got keep, ratio"),
         ({"keep": -1}, "keep must be an integer of at least 0"),
         ({"ratio": 0.0}, r"ratio must be a number in \(0, 1\]"),
-        ({"keep": 3, "scope": "frame"}, "visual layout that reports each token's frame"),
-        ({"keep": 3, "scope": "crop"}, "visual layout that reports each token's crop"),
-        ({"keep": 3, "scope": "tile"}, "scope must be 'row' or 'image'"),
+        ({"keep": 3, "scope": "tile"}, "scope must be one of 'row', 'image', 'frame', 'crop'; got 'tile'"),
     ],
 )
 def test_bad_budgets_name_the_problem_and_the_fix(settings, match):
@@ -86,8 +84,8 @@ def test_config_budget_errors_keep_their_messages_and_json_round_trips():
         RandomConfig(keep=3, keep_ratio=0.5)
     with pytest.raises(ValueError, match="dart: keep must be an integer of at least 4"):
         vtc.resolve("dart", keep=3)
-    with pytest.raises(ValueError, match=r"random: budget_scope='frame' needs a visual layout.*'row' or 'image'"):
-        RandomConfig(budget_scope="frame")
+    with pytest.raises(ValueError, match=r"random: budget_scope must be one of 'row', .*; got 'tile'"):
+        RandomConfig(budget_scope="tile")
     config = RandomConfig(keep_ratio=0.5, budget_scope="image")
     assert MethodConfig.from_dict(json.loads(config.to_json())) == config
 
@@ -105,6 +103,26 @@ def test_units_are_rows_or_the_images_of_a_row():
     coords[0, 3, 0] = -1  # a visual token without an image (a CLS token)
     with pytest.raises(ValueError, match="image of every visual token"):
         Budget(keep=1, scope="image").units(VisualTokenState.initial(visual, torch.ones_like(visual), coords))
+
+
+def test_units_per_frame_and_per_crop_follow_the_layout():
+    """Two rows: an anyres image (base view, two tiles, a newline) and a 3-frame video after an image."""
+    fields = ("media", "frame", "crop", "kind")
+    row0 = [(0, 0, -1, 0)] * 2 + [(0, 0, 0, 0)] * 2 + [(0, 0, 1, 0)] * 2 + [(0, 0, -1, 1)]
+    row1 = [(0, 0, -1, 0)] * 2 + [(1, f, -1, 0) for f in (0, 0, 1, 1, 2)]
+    layout = VisualLayout.empty(2, 8, 1, torch.device("cpu"))
+    visual = torch.zeros(2, 8, dtype=torch.bool)
+    for b, row in enumerate((row0, row1)):
+        visual[b, 1 : 1 + len(row)] = True  # text at slot 0 (and the end of row 0)
+        for name, column in zip(fields, zip(*row, strict=True), strict=True):
+            layout.field(name)[b, 1 : 1 + len(row)] = torch.tensor(column)
+    state = VisualTokenState.initial(visual, torch.ones_like(visual), layout)
+    frames = Budget(keep=1, scope="frame").units(state)
+    assert Budget.count(visual, frames).tolist() == [[7, 0, 0, 0], [2, 2, 2, 1]]
+    crops = Budget(keep=1, scope="crop").units(state)
+    assert Budget.count(visual, crops).tolist() == [[3, 2, 2], [2, 5, 0]]  # the newline goes with the base view
+    images = Budget(keep=1, scope="image").units(state)
+    assert Budget.count(visual, images).tolist() == [[7, 0], [2, 5]]
 
 
 def test_top_k_keeps_the_best_candidates_of_each_unit_ties_to_the_lower_index():

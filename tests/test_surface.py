@@ -35,6 +35,8 @@ INTERNAL_NAMES = (
     "cached_file",
     "image_processing_pil_qwen2_vl",
     "video_utils",
+    "features and image tokens",
+    "features and video tokens",
 )
 
 

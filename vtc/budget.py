@@ -4,8 +4,9 @@ A budget is an absolute count (``keep=N``), a fraction (``keep_ratio``) or a pap
 ``budget=128``, SparseVLM's schedules), and it applies to a *unit*: a batch row today, or each image of a
 row. Papers disagree on what "64 tokens" means, so a method turns a paper budget into counts with its
 own rule, while every kind ends in the same clamp: never more than the unit holds, never fewer than
-zero (or than a floor the method needs, such as DART's image pivots). Per-frame and per-crop budgets
-need a visual layout that reports frames and crops; until the engine reports one they are refused.
+zero (or than a floor the method needs, such as DART's image pivots). The units come from the forward's
+visual layout (``vtc.state.VisualLayout``): a row, each image or video of a row, each frame (an image is
+one frame), or each crop (an anyres tile; the base view with its newline tokens is one crop).
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ if TYPE_CHECKING:
 
 Scope = Literal["row", "image", "frame", "crop"]
 SCOPES: tuple[str, ...] = get_args(Scope)
-#: Scopes whose units need a visual layout that says which frame or crop each token belongs to.
-LAYOUT_SCOPES = ("frame", "crop")
 #: A method's reading of a budget: ``[...]`` tokens in each unit -> ``[...]`` tokens to keep there.
 Rule = Callable[[torch.Tensor], torch.Tensor]
 #: Config fields that hold a budget, and the Budget field each one fills.
@@ -33,14 +32,9 @@ CONFIG_FIELDS = {"keep": "keep", "keep_ratio": "ratio", "budget": "paper", "sche
 
 
 def _scope_error(who: str, field: str, scope: Any) -> str | None:
-    """The message for an unusable `scope` (given as `field`), or None when it is usable now."""
-    if scope in LAYOUT_SCOPES:
-        return (
-            f"{who}: {field}={scope!r} needs a visual layout that reports each token's {scope}, which this "
-            f"version does not have; use {field}='row' or 'image'."
-        )
+    """The message for an unknown `scope` (given as `field`), or None when it is one of ``SCOPES``."""
     if scope not in SCOPES:
-        return f"{who}: {field} must be 'row' or 'image' ('frame' and 'crop' come with visual layouts); got {scope!r}."
+        return f"{who}: {field} must be one of {', '.join(map(repr, SCOPES))}; got {scope!r}."
     return None
 
 
@@ -53,8 +47,9 @@ class Budget:
         ratio: keep this fraction of each unit's visual tokens, rounded down.
         paper: a paper's budget (DART's 128, SparseVLM's 192, or a per-stage schedule), read by the
             method's rule: the papers count differently, and the presets reproduce their counts.
-        scope: the unit: ``"row"`` (a batch row) or ``"image"`` (each image of a row); ``"frame"`` and
-            ``"crop"`` are refused until the engine reports a visual layout.
+        scope: the unit: ``"row"`` (a batch row), ``"image"`` (each image or video of a row), ``"frame"``
+            (each frame of a video; an image is one frame) or ``"crop"`` (each anyres tile, and the base
+            view with the newline tokens; an image without tiles is one crop).
     """
 
     keep: int | None = None
@@ -125,24 +120,39 @@ class Budget:
         return torch.minimum(torch.maximum(target.long(), torch.as_tensor(at_least, device=n.device)), n).clamp(min=0)
 
     def units(self, state: VisualTokenState) -> torch.Tensor:
-        """``[B, L]`` the unit of each slot: 0 everywhere per row; the image's index within its row per image.
+        """``[B, L]`` the unit of each slot, numbered ``0..G-1`` within each row in input order.
 
-        Non-visual slots get unit 0; callers count and pick among candidate (visual) slots only.
+        Per row everything is unit 0; otherwise the layout's image (``media``), then its ``frame`` or
+        ``crop`` within the image, name the unit. Non-visual slots get unit 0; callers count and pick
+        among candidate (visual) slots only.
         """
         if self.scope == "row":
             return torch.zeros_like(state.index)
+        unit = {"image": "image", "frame": "frame", "crop": "crop (anyres tile)"}[self.scope]
         if state.layout is None:
             raise ValueError(
-                "a budget per image needs to know which image each visual token belongs to, and this model "
-                "family does not report it; use budget_scope='row'."
+                f"a budget per {unit} needs to know which {unit} each visual token belongs to, and this model "
+                f"family does not report it; use budget_scope='row'."
             )
-        image = state.layout.field("media")  # [B, L]: the image (or video) index within the row, -1 for text
-        if bool((state.visual & state.valid & (image < 0)).any()):
+        media = state.layout.field("media")  # [B, L]: the image (or video) index within the row, -1 for text
+        counted = state.visual & state.valid
+        if bool((counted & (media < 0)).any()):
             raise ValueError(
-                "a budget per image needs the image of every visual token, and the visual layout gives some "
-                "none; use budget_scope='row'."
+                f"a budget per {unit} needs the image of every visual token, and the visual layout gives some "
+                f"none; use budget_scope='row'."
             )
-        return image.clamp(min=0)
+        if self.scope == "image":
+            return torch.where(counted, media, 0)
+        inner = state.layout.field("frame" if self.scope == "frame" else "crop") + 1  # crop -1 (base view) -> 0
+        # Number the (media, frame or crop) pairs that occur in each row densely, in their sorted order.
+        width = int(inner.max()) + 1 if inner.numel() else 1
+        key = torch.where(counted, media * width + inner.clamp(min=0), -1)  # [B, L]
+        units = torch.zeros_like(key)
+        for b in range(key.shape[0]):
+            present = key[b] >= 0
+            if bool(present.any()):
+                units[b, present] = torch.unique(key[b, present], return_inverse=True)[1]
+        return units
 
     @staticmethod
     def count(mask: torch.Tensor, units: torch.Tensor, width: int | None = None) -> torch.Tensor:

@@ -163,12 +163,14 @@ def _data_sources(items: list[str], tasks: list[str]) -> dict[str, str]:
 
 
 def _missing_data_is_a_user_error(fn):
-    """A missing dataset, image or runs folder is the user's to fix: one line, exit 2, no traceback."""
+    """A missing dataset, image or runs folder, an unreadable video, or a video task for an image-only model
+    is the user's to fix: one line, exit 2, no traceback."""
+    from vtc.errors import MissingCapabilityError, VideoError
 
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, VideoError, MissingCapabilityError) as exc:
             print(f"vtc {args.command}: {exc}", file=sys.stderr)
             return 2
 
@@ -180,13 +182,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vtc.eval import models
     from vtc.eval.data import load_docs
     from vtc.eval.report import markdown
-    from vtc.eval.runner import parse_methods, run_task
+    from vtc.eval.runner import check_modality, parse_methods, run_task
     from vtc.eval.tasks import get_task
 
     tasks = [get_task(t) for t in _specs(args.tasks)]
     methods = parse_methods(args.method)
     sources = _data_sources(args.data, [t.name for t in tasks])
     model, processor = models.load(args.model, device=args.device, dtype=args.dtype)
+    for task in tasks:  # a video task an image model cannot take fails here, before any task runs
+        check_modality(model, processor, task, args.video_as_images)
     out = Path(args.out) if args.out else Path("runs") / models.model_label(args.model)
     summaries = []
     for task in tasks:
@@ -195,6 +199,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             summaries.append(
                 run_task(
                     model, processor, task, docs, method, out, batch_size=args.batch_size, frames=args.frames,
+                    fps=args.fps, short_videos=args.short_videos, video_as_images=args.video_as_images,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, model_name=args.model,
                     progress=not args.quiet,
                 )
@@ -316,7 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="runs folder (default runs/<model name>)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--limit", type=int, default=None, help="first N questions per task")
-    p.add_argument("--frames", type=int, default=8, help="frames per video")
+    p.add_argument("--frames", type=int, default=8, help="frames per video (uniform; with --fps, the most taken)")
+    p.add_argument("--fps", type=float, default=None, help="sample videos at this many frames per second instead")
+    p.add_argument(
+        "--short-videos", default="error", choices=["error", "all", "repeat"],
+        help="a clip with fewer frames than asked: stop (default), keep the frames it has, or repeat frames",
+    )  # fmt: skip
+    p.add_argument(
+        "--video-as-images", action="store_true",
+        help="give an image-only model (LLaVA-1.5) a video's frames as separate images",
+    )  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

@@ -29,3 +29,7 @@ class MethodConflictError(VTCError, ValueError):
 
 class UnsupportedTransformersError(VTCError, RuntimeError):
     """The installed transformers moved an internal vtc relies on (see ``vtc.surface``)."""
+
+
+class VideoError(VTCError, ValueError):
+    """A video that cannot be read, or not sampled as asked (missing, corrupt, empty, or too short)."""

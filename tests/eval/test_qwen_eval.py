@@ -19,7 +19,7 @@ from vtc.eval.tasks import get_task
 
 #: SEED-Bench docs as written below: image sizes per doc (doc 1 has two images).
 SEED_SIZES = [[(48, 40)], [(48, 40), (96, 32)], [(200, 120)], [(64, 64)]]
-#: Video-MME clips as written below: frames per clip (vtc samples at most 4 of them).
+#: Video-MME clips as written below: frames per clip (vtc samples at most 4 of them; the short clip keeps its 2).
 CLIP_FRAMES = [6, 2, 5]
 
 
@@ -55,7 +55,7 @@ def _run(family, task_name, tmp_path, method="dense", batch_size=2, out="runs"):
     docs = load_docs(task, root)
     summary = run_task(
         model, processor, task, docs, method, tmp_path / out, batch_size=batch_size, max_new_tokens=3,
-        frames=4, progress=False,
+        frames=4, short_videos="all", progress=False,
     )  # fmt: skip
     records = read_predictions(tmp_path / out / task_name / method.replace("+", "__") / "predictions.jsonl")
     return summary, docs, records
@@ -156,6 +156,7 @@ def test_cli_eval_on_a_saved_qwen(tmp_path, capsys) -> None:
     processor.save_pretrained(saved)
     data = _video_layout(tmp_path / "videomme")
     argv = ["eval", "--model", str(saved), "--tasks", "videomme", "--method", "dense,dart.r64", "--frames", "4"]
+    argv += ["--short-videos", "all"]  # the 2-frame clip keeps its 2 frames
     argv += ["--data", f"videomme={data}", "--out", str(tmp_path / "runs"), "--batch-size", "2", "--dtype", "float32"]
     assert main([*argv, "--max-new-tokens", "2", "--no-progress", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

@@ -44,9 +44,15 @@ def test_image_task_end_to_end(tmp_path, task_name) -> None:
 
 @pytest.mark.parametrize("task_name", ["videomme", "mvbench"])
 def test_video_task_end_to_end(tmp_path, task_name) -> None:
+    """LLaVA-1.5 takes images only: a video task is refused unless its frames may go in as images."""
     pytest.importorskip("av")
-    summary, _ = _run(task_name, tmp_path, batch_size=2)
-    assert summary["frames"] == 4
+    from vtc.errors import MissingCapabilityError
+
+    with pytest.raises(MissingCapabilityError, match=f"{task_name} is a video task.*--video-as-images"):
+        _run(task_name, tmp_path, batch_size=2)
+    assert not (tmp_path / "runs" / task_name).exists()  # refused before any work
+    summary, _ = _run(task_name, tmp_path, batch_size=2, video_as_images=True)
+    assert summary["frames"] == 4 and summary["video_as_images"] is True
     assert summary["efficiency"]["visual_tokens"] == 4 * 256  # four frames, each an image to LLaVA
 
 

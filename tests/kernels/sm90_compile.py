@@ -74,6 +74,7 @@ def main(arch: int) -> None:
 
     from vtc.kernels.attn_rows.triton_impl import attn_rows_triton
     from vtc.kernels.dup_select.triton_impl import dup_select_triton
+    from vtc.kernels.kv_quant.triton_impl import kv_dequantize_triton, kv_quantize_triton
     from vtc.kernels.topk_gather.triton_impl import topk_gather_triton
 
     # CPU tensors stand in for device memory: compiling reads only dtypes, strides and alignment.
@@ -95,6 +96,10 @@ def main(arch: int) -> None:
         dup_select_triton(
             feats, feats[:, :8], torch.ones(1, 8, dtype=torch.long), torch.ones(1, 3000, dtype=torch.bool)
         )
+        for bits in (2, 4, 8):  # ZipCache's groups in small and large tiles (bf16 only); one tile-sized group
+            for rows, group in [(64, 32), (1024, 32), (64, 4096)] if dtype == torch.bfloat16 else [(64, 32)]:
+                call[0] = f"kv_quant {name} b{bits} g{group} {rows}x4096"
+                kv_dequantize_triton(kv_quantize_triton(torch.randn(rows, 4096).to(dtype), bits, group))
     for n in (650, 4096, 32768):
         call[0] = f"topk_gather N{n}"
         scores, hidden, positions = torch.randn(2, n), torch.randn(2, n, 4096).bfloat16(), torch.arange(n).repeat(2, 1)

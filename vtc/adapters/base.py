@@ -40,6 +40,11 @@ class Adapter:
     name: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
     capabilities: ClassVar[frozenset[str]] = frozenset({"attn_tap", "final_norm"})
+    #: The media the family's model takes: ``"image"``, and ``"video"`` where it has a video path.
+    modalities: ClassVar[frozenset[str]] = frozenset({"image"})
+    #: True where the model numbers positions itself from the attention mask (M-RoPE): a padded batch
+    #: then needs no explicit ``position_ids`` in a plain forward.
+    mrope: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -203,9 +208,28 @@ class Adapter:
         raise NotImplementedError
 
     @classmethod
-    def make_samples(cls, model: nn.Module, *, batch: int = 2, seed: int = 0, images: list[int] | None = None):
-        """Unpadded single-row inputs of different prompt lengths (``images[i]`` images in row i)."""
+    def make_samples(
+        cls,
+        model: nn.Module,
+        *,
+        batch: int = 2,
+        seed: int = 0,
+        images: list[int] | None = None,
+        frames: list[int] | None = None,
+    ):
+        """Unpadded single-row inputs of different prompt lengths: ``images[i]`` images in row i (one each
+        by default), then, where ``frames`` is given, a video of ``frames[i]`` frames (0: none; rows then
+        have no images unless ``images`` says so). Families without video raise ``ValueError``."""
         raise NotImplementedError
+
+    @classmethod
+    def _check_sample_media(cls, images: list[int] | None, frames: list[int] | None, batch: int) -> list[int]:
+        """The images per row for ``make_samples``, after checking that the family takes the media asked for."""
+        if frames is not None and "video" not in cls.modalities:
+            raise ValueError(f"the {cls.name!r} family takes no video; pass images only.")
+        if images is None:
+            images = [0 if frames is not None else 1] * batch
+        return images
 
     @classmethod
     def collate(cls, model: nn.Module, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -125,9 +125,15 @@ class LlavaAdapter(Adapter):
 
     @classmethod
     def make_samples(
-        cls, model: nn.Module, *, batch: int = 2, seed: int = 0, images: list[int] | None = None
+        cls,
+        model: nn.Module,
+        *,
+        batch: int = 2,
+        seed: int = 0,
+        images: list[int] | None = None,
+        frames: list[int] | None = None,
     ) -> list[dict[str, torch.Tensor]]:
-        images = [1] * batch if images is None else images
+        images = cls._check_sample_media(images, frames, batch)
         g = torch.Generator().manual_seed(seed)
         n_visual = (cls.IMAGE_SIZE // cls.PATCH) ** 2
         dtype = next(model.parameters()).dtype

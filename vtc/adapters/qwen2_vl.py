@@ -25,6 +25,8 @@ class Qwen2VLAdapter(Adapter):
 
     name = "qwen2_vl"
     model_types = ("qwen2_vl",)
+    modalities = frozenset({"image", "video"})
+    mrope = True
 
     model_class = "Qwen2VLForConditionalGeneration"
 
@@ -158,6 +160,7 @@ class Qwen2VLAdapter(Adapter):
 
     # -- tiny models ------------------------------------------------------------------------------
     GRID, PATCH, TEMPORAL = 32, 8, 2  # 32 x 32 patches, merged 2 x 2: 256 visual tokens per image
+    VIDEO_GRID = 16  # 16 x 16 patches per frame: 64 visual tokens per temporal patch (2 frames)
     IMAGE_TOKEN, VIDEO_TOKEN, START, END = 120, 121, 122, 123
 
     @classmethod
@@ -205,29 +208,42 @@ class Qwen2VLAdapter(Adapter):
 
     @classmethod
     def make_samples(
-        cls, model: nn.Module, *, batch: int = 2, seed: int = 0, images: list[int] | None = None
+        cls,
+        model: nn.Module,
+        *,
+        batch: int = 2,
+        seed: int = 0,
+        images: list[int] | None = None,
+        frames: list[int] | None = None,
     ) -> list[dict[str, torch.Tensor]]:
-        images = [1] * batch if images is None else images
+        """Rows of images (a 32 x 32 patch grid each) and videos (a 16 x 16 grid per frame; ``frames[i]``
+        frames, rounded up to whole temporal patches as the processor pads a clip)."""
+        images = cls._check_sample_media(images, frames, batch)
+        frames = frames or [0] * len(images)
         g = torch.Generator().manual_seed(seed)
-        patches = cls.GRID * cls.GRID
-        n_visual = patches // 4
         patch_dim = 3 * cls.TEMPORAL * cls.PATCH * cls.PATCH
         dtype = next(model.parameters()).dtype
         samples = []
-        for i, n_img in enumerate(images):
+        for i, (n_img, n_frames) in enumerate(zip(images, frames, strict=True)):
             ids = torch.randint(3, 100, (2 + i,), generator=g).tolist()
             for _ in range(n_img):
-                ids += [cls.START] + [cls.IMAGE_TOKEN] * n_visual + [cls.END]
+                ids += [cls.START] + [cls.IMAGE_TOKEN] * (cls.GRID * cls.GRID // 4) + [cls.END]
+            steps = -(-n_frames // cls.TEMPORAL)  # temporal patches
+            if steps:
+                ids += [cls.START] + [cls.VIDEO_TOKEN] * (steps * cls.VIDEO_GRID * cls.VIDEO_GRID // 4) + [cls.END]
             ids += torch.randint(3, 100, (3 + 2 * i,), generator=g).tolist()
             input_ids = torch.tensor([ids])
             sample = {
                 "input_ids": input_ids,
                 "attention_mask": torch.ones_like(input_ids),
-                "mm_token_type_ids": (input_ids == cls.IMAGE_TOKEN).long(),
+                "mm_token_type_ids": (input_ids == cls.IMAGE_TOKEN).long() + 2 * (input_ids == cls.VIDEO_TOKEN).long(),
             }
             if n_img:
-                sample["pixel_values"] = torch.randn(n_img * patches, patch_dim, generator=g).to(dtype)
+                sample["pixel_values"] = torch.randn(n_img * cls.GRID**2, patch_dim, generator=g).to(dtype)
                 sample["image_grid_thw"] = torch.tensor([[1, cls.GRID, cls.GRID]] * n_img)
+            if steps:
+                sample["pixel_values_videos"] = torch.randn(steps * cls.VIDEO_GRID**2, patch_dim, generator=g).to(dtype)
+                sample["video_grid_thw"] = torch.tensor([[steps, cls.VIDEO_GRID, cls.VIDEO_GRID]])
             samples.append(sample)
         return samples
 
@@ -244,7 +260,7 @@ class Qwen2VLAdapter(Adapter):
             n = s["input_ids"].shape[1]
             for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
                 out[key][i, width - n :] = s[key][0]
-        for key in ("pixel_values", "image_grid_thw"):
+        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
             parts = [s[key] for s in samples if key in s]
             if parts:
                 out[key] = torch.cat(parts)

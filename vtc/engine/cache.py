@@ -169,7 +169,9 @@ class CacheView:
                 continue
             slots, filled = self._kept_slots(chunk, seg.state, drop)
             state = seg.state.gather(slots, filled)
-            out.append(Segment(start, state, compacted=True, next_fresh=seg.next_fresh, shift=seg.shift))
+            kept = Segment(start, state, compacted=True, next_fresh=seg.next_fresh, renumbered=seg.renumbered)
+            kept.shift = seg.shift
+            out.append(kept)
         return out
 
     # -- quantize ----------------------------------------------------------------------------------------

@@ -73,7 +73,8 @@ def source_cos_sin(session: Session, i: int, hidden: torch.Tensor, kwargs: dict,
         return kwargs[surface.POSITION_EMBEDDINGS]
     if renumbered.cos_sin is None:  # this forward's tokens continue the prefill's fresh numbering
         if renumbered.shift is None:  # the first forward after the prefill fixes the offset per row
-            renumbered.shift = fwd.positions[..., :1] - renumbered.next_fresh[:, None]
+            offset = fwd.positions[..., :1] - renumbered.next_fresh[:, None]
+            renumbered.shift = torch.where(renumbered.renumbered[:, None], offset, 0)
         renumbered.cos_sin = session.adapter.rotary(hidden, fwd.positions - renumbered.shift)
     return renumbered.cos_sin
 
@@ -82,20 +83,26 @@ def compact(
     session: Session, i: int, hidden: torch.Tensor, keep: torch.Tensor, positions: str, kwargs: dict, fwd: Forward
 ) -> tuple[torch.Tensor, VisualTokenState]:
     """Gather the kept slots; start a new segment at layer `i` with its rotary embeddings."""
+    dropping = (keep != (fwd.state.index >= 0)).any(dim=1)  # [B] rows that lose a token here
     slots, filled = plan_slots(keep)
+    current = fwd.segment_at(i)
+    # Chained from the tokens' current embeddings: original positions stay original, and tokens an
+    # earlier stage renumbered keep their new numbers.
+    source = current.cos_sin if current.compacted else source_cos_sin(session, i, hidden, kwargs, fwd)
     hidden = gather_tokens(hidden, slots) * filled[..., None].to(hidden.dtype)
     state = fwd.state = fwd.state.gather(slots, filled)
-    current = fwd.segment_at(i)
     seg = Segment(i, state, compacted=True)
+    chained = tuple(gather_tokens(t, slots) for t in source)
+    seg.next_fresh, seg.renumbered = current.next_fresh, current.renumbered
     if positions == "fresh":
-        seg.cos_sin = session.adapter.rotary(hidden, fresh_positions(state.valid))
+        # Only rows that lose tokens are renumbered: a row that keeps everything takes the positions it
+        # would have alone, where the stage would not run (M-RoPE positions are not 0..n-1).
+        fresh = session.adapter.rotary(hidden, fresh_positions(state.valid))
+        seg.cos_sin = tuple(torch.where(dropping[:, None, None], f, c) for f, c in zip(fresh, chained, strict=True))
+        seg.renumbered = dropping if seg.renumbered is None else seg.renumbered | dropping
         seg.next_fresh = state.valid.sum(dim=1)
     else:
-        # Chained from the tokens' current embeddings: original positions stay original, and tokens
-        # an earlier stage renumbered keep their new numbers.
-        source = current.cos_sin if current.compacted else source_cos_sin(session, i, hidden, kwargs, fwd)
-        seg.cos_sin = tuple(gather_tokens(t, slots) for t in source)
-        seg.next_fresh = current.next_fresh
+        seg.cos_sin = chained
     fwd.segments = [s for s in fwd.segments if s.start < i] + [seg]
     fwd.boundaries.append(boundary(i, state))
     return hidden, state
@@ -122,7 +129,9 @@ def trim_cache(session: Session, fwd: Forward, start: int) -> list[Segment]:
             idx = slots[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])  # [B, Hkv, Lf, D]
             surface.set_layer_kv(fwd.cache, j, keys.gather(2, idx) * filled, values.gather(2, idx) * filled)
     kept = [s for s in fwd.segments if s.start < start]
-    tail = Segment(start, final.state, compacted=True, next_fresh=final.next_fresh, shift=final.shift)
+    tail = Segment(
+        start, final.state, compacted=True, next_fresh=final.next_fresh, renumbered=final.renumbered, shift=final.shift
+    )
     return [*kept, tail]
 
 

@@ -76,8 +76,10 @@ class Segment:
         compacted: the layers see other tokens or positions than the backbone computed for.
         cos_sin: rotary ``(cos, sin)`` of the current forward's tokens for these layers.
         next_fresh: for renumbered segments, ``[B]`` the position the first token after the prompt takes.
+        renumbered: for renumbered segments, ``[B]`` the rows a stage renumbered (rows that lost no token
+            keep their original positions, as they would alone, where no stage runs at all).
         shift: for renumbered segments, original minus fresh position of later tokens (set at the first
-            forward after the prefill, from the positions the caller passed).
+            forward after the prefill, from the positions the caller passed; 0 in rows not renumbered).
     """
 
     start: int
@@ -85,6 +87,7 @@ class Segment:
     compacted: bool = False
     cos_sin: tuple[torch.Tensor, ...] | None = None
     next_fresh: torch.Tensor | None = None
+    renumbered: torch.Tensor | None = None
     shift: torch.Tensor | None = None
 
     def reset_forward(self) -> None:

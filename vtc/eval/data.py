@@ -8,7 +8,13 @@ A task's data may be:
 * for a synthetic task (ShapesQA), nothing: its split is generated, seeded, on first use and cached
   under ``$VTC_CACHE`` (default ``~/.cache/vtc``);
 * plain JSON lines (``<root>/<split>.jsonl`` or any ``.jsonl`` file), one doc per line, whose image or
-  video column holds a path relative to the file's folder (or to ``media_root``).
+  video column holds a path relative to the file's folder (or to ``media_root``);
+* MVBench's own layout (the ``OpenGVLab/MVBench`` repository): ``json/<subtask>.json`` files, each a
+  JSON array of rows, and the videos under ``video/<source>/`` (:data:`MVBENCH_FOLDERS`); each row gets
+  its ``subtask`` from its file's name.
+
+Video-MME's layout (``lmms-lab/Video-MME``: ``videomme/test-*.parquet`` with the clips unzipped into
+``data/<videoID>.mp4``) is the parquet case, its ``videoID`` column naming the clip.
 
 Images may arrive as PIL images, ``{"bytes": ..., "path": ...}`` dicts (the hub's Image feature in
 parquet and arrow), raw bytes, or paths. A missing or malformed dataset raises an error that names the
@@ -23,14 +29,14 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from vtc.eval.tasks import Task
 
 logger = logging.getLogger(__name__)
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+VIDEO_SUFFIXES = (".mp4", ".MP4", ".mkv", ".webm", ".avi", ".mov")
 
 
 def load_docs(
@@ -142,6 +148,9 @@ def _from_path(path: Path, split: str) -> tuple[Iterable[dict[str, Any]], str]:
     jsonl = path / f"{split}.jsonl"
     if jsonl.exists():
         return _read_jsonl(jsonl), str(jsonl)
+    subtasks = sorted((path / "json").glob("*.json")) if (path / "json").is_dir() else []
+    if subtasks:  # MVBench: one JSON array per subtask
+        return ({**row, "subtask": f.stem} for f in subtasks for row in _read_json(f)), f"{path / 'json'}"
     parquet = sorted(path.rglob("*.parquet"))
     picked = [p for p in parquet if p.name.startswith(f"{split}-") or p.name == f"{split}.parquet"]
     if picked or parquet:
@@ -155,7 +164,9 @@ def _from_path(path: Path, split: str) -> tuple[Iterable[dict[str, Any]], str]:
 
 def _read_file(path: Path) -> Iterable[dict[str, Any]]:
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".jsonl":
         return _read_jsonl(path)
     if suffix == ".parquet":
         return _read_parquet(path)
@@ -179,6 +190,20 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             if not isinstance(row, dict):
                 raise ValueError(f"{path}, line {n}: expected a JSON object with the task's columns.")
             rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    """A ``.json`` file: a JSON array of rows (MVBench's files), else JSON lines."""
+    text = path.read_text(encoding="utf-8")
+    if not text.lstrip().startswith("["):
+        return _read_jsonl(path)
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); expected an array of rows.") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: expected a JSON array of objects with the task's columns.")
     return rows
 
 
@@ -291,17 +316,64 @@ def media_path(value: str, root: str | Path | None) -> Path:
     return path if path.is_absolute() or root is None else Path(root) / path
 
 
-def find_video(value: Any, root: str | Path | None) -> Path:
-    """The video file a doc names: a path, or an id (Video-MME's ``videoID``) with a video suffix."""
+def find_video(value: Any, root: str | Path | None, folders: Sequence[str] = ()) -> Path:
+    """The video a doc names: a path, or an id (Video-MME's ``videoID``) with a video suffix, looked for
+    under `root`, its ``data/`` folder, and the `folders` given (relative to `root`). A folder of frame
+    images counts as a video."""
     if isinstance(value, dict):
         value = value.get("path")
-    base = media_path(str(value), root)
-    candidates = [base] + [base.with_name(base.name + s) for s in VIDEO_SUFFIXES]
+    name = str(value)
+    bases = [media_path(name, root)]
     if root is not None:
-        candidates += [Path(root) / "data" / (str(value) + s) for s in VIDEO_SUFFIXES]
+        bases += [Path(root) / f / name for f in (*folders, "data")]
+    candidates = [c for b in bases for c in [b, *(b.with_name(b.name + s) for s in VIDEO_SUFFIXES)]]
     for c in candidates:
-        if c.is_file():
+        if c.is_file() or (c.is_dir() and c != Path(root or ".")):
             return c
-    raise FileNotFoundError(
-        f"video {value!r} not found under {root} (tried {', '.join(str(c) for c in candidates[:3])})."
-    )
+    tried = ", ".join(str(b) for b in bases[:4])
+    raise FileNotFoundError(f"video {value!r} not found under {root} (tried {tried}, each also with {VIDEO_SUFFIXES}).")
+
+
+#: MVBench subtask -> the folders its videos are in, relative to the dataset root: the ``OpenGVLab/MVBench``
+#: repository's (under ``video/``, whole clips, so a row's ``start`` / ``end`` picks its part), then
+#: lmms-eval's cache (clips already cut to the part: the row's ``start`` / ``end`` no longer apply).
+MVBENCH_FOLDERS: dict[str, tuple[str, ...]] = {
+    "action_sequence": ("star/Charades_v1_480", "star/Charades_segment"),
+    "action_prediction": ("star/Charades_v1_480", "star/Charades_segment"),
+    "object_interaction": ("star/Charades_v1_480", "star/Charades_segment"),
+    "action_antonym": ("ssv2_video", "ssv2_video_mp4"),
+    "fine_grained_action": ("Moments_in_Time_Raw/videos",),
+    "unexpected_action": ("FunQA_test/test",),
+    "object_existence": ("clevrer/video_validation",),
+    "moving_direction": ("clevrer/video_validation",),
+    "moving_count": ("clevrer/video_validation",),
+    "moving_attribute": ("clevrer/video_validation",),
+    "counterfactual_inference": ("clevrer/video_validation",),
+    "object_shuffle": ("perception/videos",),
+    "action_count": ("perception/videos",),
+    "state_change": ("perception/videos",),
+    "character_order": ("perception/videos",),
+    "action_localization": ("sta/sta_video", "sta/sta_video_segment"),
+    "scene_transition": ("scene_qa/video",),
+    "fine_grained_pose": ("nturgbd", "nturgbd_convert"),
+    "egocentric_navigation": ("vlnqa",),
+    "episodic_reasoning": ("tvqa/frames_fps3_hq", "tvqa/video_fps3_hq_segment"),
+}
+#: lmms-eval's folders whose clips are already cut to a row's start..end.
+_CUT_FOLDERS = ("_segment", "ssv2_video_mp4", "nturgbd_convert")
+
+
+def locate_video(doc: dict[str, Any], column: str) -> tuple[Path, dict[str, float]]:
+    """A video doc's clip and the window to sample from it (``start`` / ``end`` seconds; empty: all of it).
+
+    An MVBench row is looked for in its subtask's folders (:data:`MVBENCH_FOLDERS`), under ``video/`` as the
+    repository has them and at the root as lmms-eval's cache does; its ``start`` / ``end`` apply only to a
+    whole clip, not to one lmms-eval already cut.
+    """
+    root = doc.get("_root")
+    folders = MVBENCH_FOLDERS.get(str(doc.get("subtask", "")), ())
+    path = find_video(doc[column], root, [p for f in folders for p in (f"video/{f}", f)])
+    window = {k: float(doc[k]) for k in ("start", "end") if doc.get(k) is not None}
+    if window and any(part in str(path) for part in _CUT_FOLDERS):
+        window = {}
+    return path, window

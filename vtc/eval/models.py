@@ -59,11 +59,19 @@ def load(name: str | Path, *, device: str = "auto", dtype: str = "auto") -> tupl
     try:
         processor = AutoProcessor.from_pretrained(source)
     except ImportError:
-        from vtc.eval.qwen import QWEN_TYPES, processor_without_torchvision
-
-        model_type = getattr(model.config, "model_type", "")
-        if model_type not in QWEN_TYPES:
-            raise
-        # Qwen's video processor needs torchvision; vtc's own takes its place (vtc.eval.qwen)
-        processor = processor_without_torchvision(source, model_type)
+        # the video processors of Qwen2-VL, LLaVA-OneVision and LLaVA-NeXT-Video need torchvision; vtc's
+        # own take their place (vtc.eval.qwen, vtc.eval.llava_video)
+        processor = processor_without_torchvision(source, getattr(model.config, "model_type", ""))
     return model.to(where).eval(), processor
+
+
+def processor_without_torchvision(source: str, model_type: str) -> Any:
+    """The processor of a video family's checkpoint with vtc's torchvision-free video processor; re-raises
+    the ImportError being handled for any other family (call it from an ``except ImportError`` block)."""
+    from vtc.eval import llava_video, qwen
+
+    if model_type in qwen.QWEN_TYPES:
+        return qwen.processor_without_torchvision(source, model_type)
+    if model_type in llava_video.VIDEO_TYPES:
+        return llava_video.processor_without_torchvision(source, model_type)
+    raise

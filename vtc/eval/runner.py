@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from vtc.eval.data import find_video, load_images
+from vtc.eval.data import load_images, locate_video
 from vtc.eval.tasks import Task
 from vtc.progress import bar as progress_bar
 
@@ -70,8 +70,90 @@ def build_prompt(processor: Any, text: str, n_images: int, video: bool = False) 
     return f"{LLAVA_SYSTEM} USER: {images}{text} ASSISTANT:"
 
 
-def prepare(processor: Any, task: Task, docs: Sequence[dict[str, Any]], frames: int) -> Any:
-    """Processor inputs of a batch of docs (left-padded tensors)."""
+def takes_video(model: torch.nn.Module, processor: Any) -> bool:
+    """Whether `model` and `processor` take a video as a video (not as a row of images).
+
+    The adapter's ``modalities`` says so for a family vtc adapts; for one whose adapter does not say (or
+    with no adapter), a config with a video token and a processor with a video part do.
+    """
+    from vtc.adapters import adapter_class_for
+    from vtc.errors import UnsupportedModelError
+
+    try:
+        modalities = getattr(adapter_class_for(model), "modalities", None)
+    except UnsupportedModelError:
+        modalities = None
+    if modalities is None:
+        config = model.config
+        modalities = {"image", "video"} if _video_token(config) is not None else {"image"}
+    return "video" in modalities and _takes_video(processor)
+
+
+def _video_token(config: Any) -> int | None:
+    for name in ("video_token_id", "video_token_index"):
+        if getattr(config, name, None) is not None:
+            return getattr(config, name)
+    return None
+
+
+def check_modality(model: torch.nn.Module, processor: Any, task: Task, video_as_images: bool = False) -> None:
+    """Refuse a video task for a model that takes images only, before any work, naming the two fixes.
+
+    Raises:
+        MissingCapabilityError: `task` is a video task, `model` takes no video and `video_as_images` is off.
+    """
+    if task.modality != "video" or video_as_images or takes_video(model, processor):
+        return
+    from vtc.errors import MissingCapabilityError
+
+    family = getattr(model.config, "model_type", type(model).__name__)
+    if _video_token(model.config) is not None:
+        problem = f"its processor ({type(processor).__name__}) has no video part"
+    else:
+        problem = "the model takes images only"
+    raise MissingCapabilityError(
+        f"{task.name} is a video task, but {problem} ({family}). Evaluate a video model (Qwen2-VL, Qwen2.5-VL, "
+        f"LLaVA-OneVision, LLaVA-NeXT-Video), or pass --video-as-images (video_as_images=True) to give it the "
+        f"sampled frames as separate images, as lmms-eval does for LLaVA-1.5."
+    )
+
+
+def _checked(processor: Any, prompt: str, doc: dict[str, Any], n_images: int, n_videos: int) -> str:
+    """`prompt`, after checking it holds one placeholder per image and per video of its doc.
+
+    A chat template that writes placeholders of its own (or drops ours) would otherwise pair the wrong
+    media with the wrong text, or fail deep inside the processor.
+    """
+    for kind, n in (("image", n_images), ("video", n_videos)):
+        token = getattr(processor, f"{kind}_token", None) or (f"<{kind}>" if kind == "image" else None)
+        if token is None:
+            continue
+        found = prompt.count(token)
+        if found != n:
+            raise ValueError(
+                f"the prompt of doc {doc.get('_id')!r} holds {found} {token} placeholder(s) for {n} {kind}(s): the "
+                f"processor's chat template writes {kind} placeholders of its own or drops them. Use the chat "
+                f"template saved with the checkpoint, or one that writes one {token} per {{'type': '{kind}'}} item."
+            )
+    return prompt
+
+
+def prepare(
+    processor: Any,
+    task: Task,
+    docs: Sequence[dict[str, Any]],
+    frames: int,
+    *,
+    fps: float | None = None,
+    short_videos: str = "error",
+    video_as_images: bool = False,
+) -> Any:
+    """Processor inputs of a batch of docs (left-padded tensors).
+
+    A video task's clips are found by ``vtc.eval.data.locate_video`` and read with
+    ``vtc.eval.video.read_frames`` (`frames`, `fps`, `short_videos`, the doc's window); they go to the
+    processor as videos, or with `video_as_images` as one image per frame.
+    """
     from vtc.eval.video import read_frames
 
     _tokenizer(processor).padding_side = "left"
@@ -79,19 +161,20 @@ def prepare(processor: Any, task: Task, docs: Sequence[dict[str, Any]], frames: 
     for doc in docs:
         text = task.text(doc)
         if task.modality == "video":
-            clip = read_frames(find_video(doc[task.visual], doc["_root"]), frames)
-            if _takes_video(processor):
+            path, window = locate_video(doc, task.visual)
+            clip = read_frames(path, frames, fps=fps, short=short_videos, **window)
+            if not video_as_images:
                 videos.append(clip)
-                prompts.append(build_prompt(processor, text, 0, video=True))
+                prompts.append(_checked(processor, build_prompt(processor, text, 0, video=True), doc, 0, 1))
                 continue
             from PIL import Image
 
             images.extend(Image.fromarray(f) for f in clip)  # an image model sees the frames as images
-            prompts.append(build_prompt(processor, text, len(clip)))
+            prompts.append(_checked(processor, build_prompt(processor, text, len(clip)), doc, len(clip), 0))
         else:
             got = load_images(doc[task.visual], doc["_root"])
             images.extend(got)
-            prompts.append(build_prompt(processor, text, len(got)))
+            prompts.append(_checked(processor, build_prompt(processor, text, len(got)), doc, len(got), 0))
     kwargs: dict[str, Any] = {"text": prompts, "padding": True, "return_tensors": "pt"}
     if images:
         kwargs["images"] = images
@@ -164,14 +247,24 @@ def _dims(model: torch.nn.Module) -> Any:
         return None, None
 
 
-def _costs(inputs: Any, handle: Any, adapter: Any, dims: Any) -> list[dict[str, float]]:
+def _placeholder_count(input_ids: torch.Tensor, config: Any) -> torch.Tensor:
+    """Image and video placeholders per row, by the token ids a model's config names."""
+    names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+    ids = {getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)}
+    return torch.isin(input_ids, torch.tensor(sorted(ids), device=input_ids.device)).sum(-1)
+
+
+def _costs(inputs: Any, handle: Any, adapter: Any, dims: Any, config: Any = None) -> list[dict[str, float]]:
     """Per row: prefill FLOPs (compressed and dense, decoder layers) and visual tokens in / kept."""
     from vtc.flops import decoder_flops
 
     mask = inputs.get("attention_mask")
     n_rows = inputs["input_ids"].shape[0]
     lengths = mask.sum(-1).tolist() if mask is not None else [inputs["input_ids"].shape[1]] * n_rows
-    visual = adapter.visual_mask(inputs["input_ids"], None).sum(-1).tolist() if adapter is not None else [0] * n_rows
+    if adapter is not None:
+        visual = adapter.visual_mask(inputs["input_ids"], None).sum(-1).tolist()
+    else:  # a family vtc does not adapt (yet): its placeholders, by the config's token ids
+        visual = _placeholder_count(inputs["input_ids"], config).tolist() if config is not None else [0] * n_rows
     out = []
     for b in range(n_rows):
         row: dict[str, float] = {"visual_tokens": float(visual[b]), "visual_kept": float(visual[b])}
@@ -198,6 +291,9 @@ def run_task(
     *,
     batch_size: int = 1,
     frames: int = 8,
+    fps: float | None = None,
+    short_videos: str = "error",
+    video_as_images: bool = False,
     max_new_tokens: int | None = None,
     seed: int = 0,
     model_name: str = "",
@@ -213,7 +309,12 @@ def run_task(
         method: ``"dense"`` or a method spec, several joined by ``+``.
         out_dir: the runs folder; this run writes ``<out_dir>/<task>/<method>/``.
         batch_size: rows per generate call.
-        frames: frames sampled per video.
+        frames: frames sampled per video (with `fps`, the most frames taken).
+        fps: sample videos at this many frames per second (``vtc.eval.video``); None: `frames` uniformly.
+        short_videos: a clip shorter than `frames`: ``"error"`` (default), ``"all"`` (keep its frames) or
+            ``"repeat"`` (repeat frames to fill `frames`).
+        video_as_images: give an image-only model a video task's frames as separate images; without it
+            such a run is refused before any work (``check_modality``).
         max_new_tokens: overrides the task's generation length.
         seed: set before every batch (greedy decoding does not use it; sampling methods do).
         model_name: recorded in the summary.
@@ -221,6 +322,7 @@ def run_task(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
+    check_modality(model, processor, task, video_as_images)
     run_dir = Path(out_dir) / task.name / method_dir(method)
     run_dir.mkdir(parents=True, exist_ok=True)
     pred_path = run_dir / "predictions.jsonl"
@@ -234,7 +336,9 @@ def run_task(
     with _wrapped(model, method) as handle, pred_path.open("a", encoding="utf-8") as out:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            inputs = prepare(processor, task, batch, frames).to(device)
+            inputs = prepare(
+                processor, task, batch, frames, fps=fps, short_videos=short_videos, video_as_images=video_as_images
+            ).to(device)
             for key in ("pixel_values", "pixel_values_videos"):  # the processor's float32 -> the model's dtype
                 if key in inputs and inputs[key].is_floating_point():
                     inputs[key] = inputs[key].to(model.dtype)
@@ -244,7 +348,7 @@ def run_task(
             clock = _FirstToken(device)
             _sync(device)
             t0 = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), _placeholders_explained(model, processor):
                 generated = model.generate(
                     **inputs,
                     max_new_tokens=max_new_tokens or task.max_new_tokens,
@@ -258,7 +362,7 @@ def run_task(
                 peak = max(peak or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
             new = generated[:, inputs["input_ids"].shape[1] :]
             texts = tok.batch_decode(new, skip_special_tokens=True)
-            costs = _costs(inputs, handle, adapter, dims)
+            costs = _costs(inputs, handle, adapter, dims, model.config)
             prefill_ms = ((clock.at or t1) - t0) * 1e3
             decode_ms = (t1 - (clock.at or t1)) * 1e3
             for doc, text, cost, ids in zip(batch, texts, costs, new, strict=True):
@@ -290,12 +394,34 @@ def run_task(
         dtype=str(model.dtype).replace("torch.", ""),
         batch_size=batch_size,
         frames=frames if task.modality == "video" else None,
+        fps=fps if task.modality == "video" else None,
+        video_as_images=video_as_images if task.modality == "video" else None,
         seed=seed,
         peak_memory_mb=peak,
         environment=environment(device),
     )
     (run_dir / "run.json").write_text(json.dumps(summary, indent=2, default=_jsonable) + "\n")
     return summary
+
+
+@contextlib.contextmanager
+def _placeholders_explained(model: torch.nn.Module, processor: Any) -> Iterator[None]:
+    """Re-raise a forward's "features and tokens do not match" with what to check: the processor and the
+    model disagree on how many placeholders an image or a clip's frames take."""
+    from vtc import surface
+
+    try:
+        yield
+    except ValueError as exc:
+        if not surface.is_placeholder_mismatch(exc):
+            raise
+        family = getattr(model.config, "model_type", type(model).__name__)
+        raise ValueError(
+            f"{exc}. The processor ({type(processor).__name__}) wrote a different number of image / video "
+            f"placeholders than the {family} model makes features: load the processor saved with this checkpoint, "
+            f"or make its settings (patch_size, num_image_tokens, vision_feature_select_strategy, the video "
+            f"processor's size) match the model's config."
+        ) from exc
 
 
 def summarize(task: Task, pred_path: Path, docs: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:

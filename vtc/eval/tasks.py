@@ -319,10 +319,16 @@ def _mvbench_target(doc: Doc) -> str:
 
 
 def _mvbench_score(records: Sequence[Record]) -> dict[str, float]:
-    # MVBench (as lmms-eval scores it) leaves empty answers out of the denominator.
+    # MVBench (as lmms-eval scores it) leaves empty answers out of the denominator; per subtask as well.
     answered = [r for r in records if r["prediction"] != ""]
-    acc = 100 * scoring.mean(scoring.mvbench_match(r["prediction"], r["target"]) for r in answered)
-    return {"accuracy": acc, "answered": float(len(answered)), "n": float(len(records))}
+    by: dict[str, list[float]] = defaultdict(list)
+    for r in answered:
+        ok = scoring.mvbench_match(r["prediction"], r["target"])
+        by["accuracy"].append(ok)
+        if r.get("subtask"):
+            by[f"mvbench/{r['subtask']}"].append(ok)
+    out = {k: 100 * scoring.mean(v) for k, v in by.items()} if answered else {"accuracy": 0.0}
+    return {**out, "answered": float(len(answered)), "n": float(len(records))}
 
 
 register(
@@ -344,6 +350,7 @@ register(
         visual="video",
         modality="video",
         id_key="",
+        record_keys=("subtask",),
     )
 )
 

@@ -11,8 +11,10 @@ import torch
 from vtc.kernels import attn_rows as _attn_rows_pkg  # registers the op's implementations
 from vtc.kernels import dispatch
 from vtc.kernels import dup_select as _dup_select_pkg  # registers the op's implementations
+from vtc.kernels import kv_quant as _kv_quant_pkg  # registers the op's implementations
 from vtc.kernels import topk_gather as _topk_gather_pkg  # registers the op's implementations
 from vtc.kernels.dispatch import BACKENDS, record, requested, use
+from vtc.kernels.kv_quant import QuantizedKV
 from vtc.kernels.topk_gather import TopK
 
 
@@ -76,6 +78,32 @@ def dup_select(
     return dispatch.call("dup_select", feats, pivots, counts, pool, backend=backend)
 
 
-del _attn_rows_pkg, _dup_select_pkg, _topk_gather_pkg
+def kv_quantize(x: torch.Tensor, bits: int, group_size: int, *, backend: str | None = None) -> QuantizedKV:
+    """Quantise `x` ``[..., D]`` per token in groups of `group_size` channels to 2 / 4 / 8-bit codes.
 
-__all__ = ["BACKENDS", "TopK", "attn_rows", "dup_select", "record", "requested", "topk_gather", "use"]
+    Asymmetric min-max per group (ZipVL's KV cache format); see
+    ``vtc.kernels.kv_quant.reference.kv_quantize_reference`` for the exact contract.
+    """
+    return dispatch.call("kv_quantize", x, bits, group_size, backend=backend)
+
+
+def kv_dequantize(q: QuantizedKV, *, backend: str | None = None) -> torch.Tensor:
+    """The values `q` stands for, ``q.shape`` in ``q.dtype``; see ``kv_dequantize_reference``."""
+    return dispatch.call("kv_dequantize", q, backend=backend)
+
+
+del _attn_rows_pkg, _dup_select_pkg, _kv_quant_pkg, _topk_gather_pkg
+
+__all__ = [
+    "BACKENDS",
+    "QuantizedKV",
+    "TopK",
+    "attn_rows",
+    "dup_select",
+    "kv_dequantize",
+    "kv_quantize",
+    "record",
+    "requested",
+    "topk_gather",
+    "use",
+]

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from vtc import kernels
-from vtc.budget import Budget, check_budget
+from vtc.budget import Budget, Scope, check_budget
 from vtc.config import MethodConfig, check_int
 from vtc.method import AttentionCall, HookPoint, LayerContext, Method, realign, register_method
 from vtc.methods.layers import resolve_layer
@@ -37,6 +37,9 @@ class DARTConfig(MethodConfig):
         keep_ratio: keep this fraction of each row's visual tokens (rounded down, at least the pivots).
         pivot_image_tokens: visual pivots, always kept.
         pivot_text_tokens: text pivots (from the tokens after the first visual token).
+        budget_scope: the unit the budget applies to (``vtc.budget.Scope``): ``"row"`` (the paper),
+            ``"image"``, ``"frame"`` or ``"crop"``; each unit then picks its own image pivots and
+            duplicates among its own tokens (text pivots are the row's), which on video is DART per frame.
     """
 
     exclusive = (("budget", "keep", "keep_ratio"),)
@@ -47,6 +50,7 @@ class DARTConfig(MethodConfig):
     keep_ratio: float | None = None
     pivot_image_tokens: int = 4
     pivot_text_tokens: int = 4
+    budget_scope: Scope = "row"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,6 +89,10 @@ class DART(Method):
     def bind(self, adapter) -> None:
         super().bind(adapter)
         self.prune_layers(adapter.num_layers)  # validates the layer against this model
+
+    @property
+    def fixed_counts(self) -> bool:  # type: ignore[override]
+        return self.budget.scope == "row"  # per image or frame, the counts depend on each row's media
 
     def prune_layers(self, num_layers: int) -> tuple[int, ...]:
         return (resolve_layer("dart", "layer", self.config.layer, num_layers, lo=1),)
@@ -128,6 +136,8 @@ class DART(Method):
         return self.budget.resolve(n_visual, paper=paper, at_least=n_image_pivots)
 
     def plan(self, visual_per_layer: list[int], text_tokens: int) -> list[int]:
+        if self.budget.scope != "row":
+            raise ValueError("dart: per-unit counts depend on the images and frames; measure them with handle.stats.")
         k = self.prune_layers(len(visual_per_layer))[0]
         n = torch.tensor([visual_per_layer[k]])
         image_pivots = n.clamp(max=self.config.pivot_image_tokens)
@@ -137,15 +147,28 @@ class DART(Method):
 
     # -- selection --------------------------------------------------------------------------------
     def select(self, ctx: LayerContext) -> torch.Tensor:
-        state, c = ctx.state, self.config
+        state = ctx.state
         visual = state.visual & state.valid
-        n_visual = visual.sum(dim=1)  # [B]
         # Text pivots come from the prompt after the first visual token (question and template).
         after_first = visual.long().cumsum(dim=1) > 0
         text = ~state.visual & state.valid & after_first
         text = torch.where(text.any(dim=1, keepdim=True), text, ~state.visual & state.valid)
-
         norms = self._norms_for(state.index)
+        z = ctx.adapter.final_norm(ctx.hidden)  # [B, L, d]
+        if self.budget.scope == "row":
+            return self._select_unit(visual, text, norms, z)
+        units = self.budget.units(state)
+        keep = torch.zeros_like(visual)
+        for g in range(int(units[visual].max()) + 1 if bool(visual.any()) else 0):
+            keep |= self._select_unit(visual & (units == g), text, norms, z)
+        return keep
+
+    def _select_unit(
+        self, visual: torch.Tensor, text: torch.Tensor, norms: torch.Tensor, z: torch.Tensor
+    ) -> torch.Tensor:
+        """DART among the `visual` slots ``[B, L]`` of one unit per row: the kept ones among them."""
+        c = self.config
+        n_visual = visual.sum(dim=1)  # [B]
         k_img = n_visual.clamp(max=c.pivot_image_tokens)
         k_txt = text.sum(dim=1).clamp(max=c.pivot_text_tokens) * (n_visual > 0)
         target = self._targets(n_visual, k_img, k_img + k_txt)
@@ -158,7 +181,7 @@ class DART(Method):
         # All pivots of a row in ascending position order (the official order is Python set order).
         pos = torch.cat([img_piv.indices, txt_piv.indices], dim=1)  # [B, P]
         used = torch.cat([img_piv.mask, txt_piv.mask], dim=1)
-        order = torch.sort(torch.where(used, pos, state.length), dim=1, stable=True).indices
+        order = torch.sort(torch.where(used, pos, visual.shape[1]), dim=1, stable=True).indices
         pos, used = pos.gather(1, order), used.gather(1, order)
 
         if c.budget is not None:
@@ -169,7 +192,6 @@ class DART(Method):
             rank = torch.arange(pos.shape[1], device=pos.device)
             counts = torch.where(used, picks // n_piv + (rank < picks % n_piv).long(), 0)
 
-        z = ctx.adapter.final_norm(ctx.hidden)  # [B, L, d]
         pivot_feats = z.gather(1, pos[..., None].expand(-1, -1, z.shape[-1])) * used[..., None]  # [B, P, d]
         image_pivots = torch.zeros_like(visual).scatter(1, img_piv.indices, img_piv.mask)
         picked = kernels.dup_select(z, pivot_feats, counts, visual & ~image_pivots)

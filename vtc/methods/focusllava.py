@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 
-from vtc.budget import Budget, check_budget
+from vtc.budget import Budget, Scope, check_budget
 from vtc.config import MethodConfig, check_int
 from vtc.errors import UnknownMethodError
 from vtc.method import AttentionCall, AttentionScoredPruner, HookPoint, LayerContext, Selection, register_method
@@ -45,7 +45,7 @@ class FocusLLaVAConfig(MethodConfig):
     Attributes:
         keep: visual tokens the text-guided sampler keeps per unit (default 192).
         keep_ratio: the same as a fraction of each unit's visual tokens at the input.
-        budget_scope: the unit: ``"row"`` (a batch row) or ``"image"`` (each image of a row keeps its own).
+        budget_scope: the unit (``vtc.budget.Scope``): ``"row"``, ``"image"``, ``"frame"`` or ``"crop"``.
         layer: the text-guided sampler reads this layer's attention and prunes its output.
         vision_sampler: registered vision-guided sampler, or None to skip the stage.
         text_sampler: registered text-guided sampler, or None to skip the stage.
@@ -58,7 +58,7 @@ class FocusLLaVAConfig(MethodConfig):
 
     keep: int | None = None
     keep_ratio: float | None = None
-    budget_scope: Literal["row", "image"] = "row"
+    budget_scope: Scope = "row"
     layer: int = 1
     vision_sampler: str | None = "redundancy"
     text_sampler: str | None = "attention"

@@ -10,11 +10,11 @@ of a seed keeps the same tokens.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 
-from vtc.budget import check_budget
+from vtc.budget import Scope, check_budget
 from vtc.config import MethodConfig, check_int
 from vtc.method import LayerContext, ScoringPruner, register_method
 from vtc.methods.layers import resolve_layer
@@ -38,7 +38,7 @@ class RandomConfig(MethodConfig):
         layer: decoder layer whose input is pruned (0 prunes the embeddings).
         keep: visual tokens kept per unit (all of them when a unit has fewer).
         keep_ratio: fraction of each unit's visual tokens kept (rounded down).
-        budget_scope: the unit: ``"row"`` (a batch row) or ``"image"`` (each image of a row keeps its own).
+        budget_scope: the unit (``vtc.budget.Scope``): ``"row"``, ``"image"``, ``"frame"`` or ``"crop"``.
         seed: picks the subset; the same seed keeps the same tokens.
     """
 
@@ -47,7 +47,7 @@ class RandomConfig(MethodConfig):
     layer: int = 2
     keep: int | None = None
     keep_ratio: float | None = None
-    budget_scope: Literal["row", "image"] = "row"
+    budget_scope: Scope = "row"
     seed: int = 0
 
     def __post_init__(self) -> None:
