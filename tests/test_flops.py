@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import operator
 import os
@@ -54,14 +55,24 @@ def test_decoder_flops_match_torch_counter(family, spec):
     assert sum(counts) == pytest.approx(sum(hardware), rel=0.02)
 
 
+def vision_entries(adapter, sample) -> list[int]:
+    """The counts ``VisionDims.macs`` takes for `sample`: LLM tokens per image, or per tower pass for families
+    whose tower runs once per view or frame (they read the forward's layout)."""
+    visual = adapter.visual_mask(sample["input_ids"], None)
+    if "layout" in inspect.signature(adapter.image_token_counts).parameters:
+        return adapter.image_token_counts(visual, adapter.layout(visual, sample))
+    return adapter.image_token_counts(visual)
+
+
 def test_vision_flops_match_torch_counter(family):
     model = tiny(family, attn="eager")
     _, samples = batch_for(model, family, batch=1)
     counts = counted(model, samples[0])
     adapter = adapter_for(model)
-    tower = [v for k, v in counts.items() if re.search(r"\.(vision_tower|visual|multi_modal_projector)$", k)]
-    n_visual = int(adapter.visual_mask(samples[0]["input_ids"], None).sum())
-    assert sum(tower) == pytest.approx(2 * adapter.dims().vision.macs(n_visual), rel=1e-6)
+    pattern = r"\.(vision_tower|visual|multi_modal_projector|vision_resampler)$"
+    tower = [v for k, v in counts.items() if re.search(pattern, k)]
+    entries = vision_entries(adapter, samples[0])
+    assert sum(tower) == pytest.approx(2 * sum(adapter.dims().vision.macs(n) for n in entries), rel=1e-6)
 
 
 def test_paper_formula_equals_gqa_formula_without_gqa():

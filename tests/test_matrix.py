@@ -35,14 +35,33 @@ CASES = [
     for family in FAMILIES
     for media in ADAPTERS.get(family).modalities & {"image", "video"}
     for spec in (SPECS if family == FULL_SWEEP and media == "image" else ONE_PER_METHOD)
+    if media in get_method(spec.split(".")[0]).media
 ]
 #: Frames per row of the video cases: enough tokens that every preset prunes (DART's r192 keeps 196).
 FRAMES = [8, 10, 6]
+#: Families that take equal frame counts get this many in every row (pooled frames hold fewer tokens), and
+#: an image in some rows.
+EQUAL_FRAMES = 16
+
+
+def method_batch(model, family: str, method: str):
+    """A two-row batch of the media `method` acts on (videos for a video-only method), or None after
+    checking that the family refuses the method for want of that media (decided by capabilities)."""
+    wanted = get_method(method.split(".")[0]).media
+    if "image" in wanted:
+        return batch_for(model, family)
+    if not wanted & ADAPTERS.get(family).modalities:
+        with pytest.raises(vtc.MissingCapabilityError, match="wrap a family that takes video"):
+            vtc.wrap(model, method)
+        return None
+    return media_batch(model, family, "video")
 
 
 def media_batch(model, family: str, media: str, rows: int = 2):
     """(padded batch, samples) of `rows` rows of different token counts, with images or with videos."""
     if media == "video":
+        if ADAPTERS.get(family).equal_frames:  # one [videos, frames, ...] tensor: rows differ by an image
+            return batch_for(model, family, images=[1, 0, 1][:rows], frames=[EQUAL_FRAMES] * rows, batch=rows)
         return batch_for(model, family, frames=FRAMES[:rows], batch=rows)
     images = [1, 1, 2] if family == FULL_SWEEP else [1, 1, 1]
     return batch_for(model, family, images=images[:rows] if rows > 2 else None, batch=rows)
@@ -124,7 +143,10 @@ def attention_implementations(model) -> list[str]:
 def test_remove_restores_bit_identical_logits_and_leaves_no_hook(family, method):
     """After every preset remove() restores the model exactly; some preset changes the output (or the tokens)."""
     model = tiny(family)
-    inputs, _ = batch_for(model, family)
+    batch = method_batch(model, family, method)
+    if batch is None:
+        return
+    inputs, _ = batch
     hooks_before = hook_ids(model)
     attn_before = attention_implementations(model)
     acted = []
@@ -152,7 +174,10 @@ def test_remove_restores_bit_identical_logits_and_leaves_no_hook(family, method)
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_noop_preset_equals_baseline(family, method):
     model = tiny(family)
-    inputs, _ = batch_for(model, family)
+    batch = method_batch(model, family, method)
+    if batch is None:
+        return
+    inputs, _ = batch
     with torch.no_grad():
         base = model(**inputs).logits
         base_tokens = generate(model, inputs)
@@ -164,7 +189,10 @@ def test_noop_preset_equals_baseline(family, method):
 @pytest.mark.parametrize("spec", ONE_PER_METHOD)
 def test_same_seed_same_tokens(family, spec):
     model = tiny(family)
-    inputs, _ = batch_for(model, family)
+    batch = method_batch(model, family, spec)
+    if batch is None:
+        return
+    inputs, _ = batch
     with vtc.apply(model, spec), torch.no_grad():
         first = generate(model, inputs)
         torch.manual_seed(123)
@@ -178,7 +206,10 @@ def test_same_seed_same_tokens(family, spec):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_runs_in_bf16_and_fp32(family, method, dtype):
     model = tiny(family, dtype=dtype)
-    inputs, _ = batch_for(model, family)
+    batch = method_batch(model, family, method)
+    if batch is None:
+        return
+    inputs, _ = batch
     with vtc.apply(model, method), torch.no_grad():
         out = model(**inputs).logits
         assert out.dtype == dtype and sane(out.float())
@@ -200,7 +231,10 @@ def test_no_eager_attention_matrix_is_formed(family, spec, monkeypatch):
     import sys
 
     model = tiny(family)
-    inputs, _ = batch_for(model, family)
+    batch = method_batch(model, family, spec)
+    if batch is None:
+        return
+    inputs, _ = batch
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"{spec} made the model run eager attention")

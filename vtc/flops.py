@@ -48,6 +48,12 @@ class VisionDims:
         patch_embed_macs: multiply-adds of the patch embedding per patch.
         window: patches per attention window in windowed blocks (Qwen2.5-VL), None for full attention.
         full_attention_layers: blocks that attend over the whole image when `window` is set.
+        patches_per_pass: for towers that run once per fixed-size view (LLaVA-NeXT's anyres tiles and
+            base view, a video's frames), the patches of one view; then each count given to ``macs`` is
+            one pass, and the count is the tokens its projector maps (all patches, or a frame's pooled
+            tokens where pooling comes first). None: one pass per image over its tokens' patches.
+        pool_macs_per_token: multiply-adds per pooled token of a pass that pools before its projector
+            (LLaVA-NeXT-Video's ``conv`` pooling; average or max pooling has none).
     """
 
     num_layers: int
@@ -61,17 +67,25 @@ class VisionDims:
     patch_embed_macs: int = 0
     window: int | None = None
     full_attention_layers: int = 0
+    patches_per_pass: int | None = None
+    pool_macs_per_token: int = 0
 
     def macs(self, llm_tokens: int) -> float:
-        """Multiply-adds of the tower and projector for one image giving `llm_tokens` LLM tokens."""
+        """Multiply-adds of the tower and projector for one image giving `llm_tokens` LLM tokens (with
+        ``patches_per_pass``: for one tower pass whose projector maps `llm_tokens` tokens)."""
         patches = llm_tokens * self.patches_per_token
+        pooling = 0
+        if self.patches_per_pass is not None:
+            patches = self.patches_per_pass
+            pooling = llm_tokens * self.pool_macs_per_token if llm_tokens < patches else 0
         n = patches + self.extra_tokens
         d, m = self.hidden, self.ffn
         linear = self.num_layers * (4 * n * d * d + self.ffn_matrices * n * d * m)
         full_layers = self.num_layers if self.window is None else self.full_attention_layers
         span = n if self.window is None else min(self.window, n)
         attention = full_layers * 2 * n * n * d + (self.num_layers - full_layers) * 2 * n * span * d
-        return float(linear + attention + patches * self.patch_embed_macs + llm_tokens * self.projector_macs_per_token)
+        projector = llm_tokens * self.projector_macs_per_token
+        return float(linear + attention + patches * self.patch_embed_macs + projector + pooling)
 
 
 @dataclasses.dataclass(frozen=True)

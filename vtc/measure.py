@@ -99,3 +99,12 @@ class FlopsModule(types.ModuleType):
     def __call__(self, *args: Any, **kwargs: Any) -> FlopsReport:
         """``vtc.measure.flops(*args, **kwargs)``."""
         return flops(*args, **kwargs)
+
+
+def kv_cache_bytes(cache: Any) -> int:
+    """Bytes the KV cache `cache` (what ``model(..., use_cache=True).past_key_values`` returns) holds: every
+    layer's keys and values as stored, so a pruned cache counts its kept tokens and a quantized one its
+    packed codes, scales and zeros."""
+    from vtc import surface
+
+    return surface.cache_nbytes(cache)

@@ -36,6 +36,12 @@ class HookPoint(enum.Enum):
     GENERATE = "generate"  # the whole decoding loop
 
 
+def _video_families() -> list[str]:
+    from vtc.adapters import ADAPTERS
+
+    return [n for n in ADAPTERS.names() if "video" in ADAPTERS.get(n).modalities]
+
+
 class Method:
     """Base of every method.
 
@@ -60,6 +66,9 @@ class Method:
     #: Settings without a usable default that a user must give (speculative decoding's draft model);
     #: the method cannot run from its name alone.
     required_settings: ClassVar[tuple[str, ...]] = ()
+    #: The media the method acts on. A video-only method (VideoScan) needs a family that takes video
+    #: (``Adapter.modalities``) and leaves image inputs as they are.
+    media: ClassVar[frozenset[str]] = frozenset({"image", "video"})
 
     def __init__(self, config: MethodConfig) -> None:
         if not isinstance(config, self.config_cls):
@@ -74,6 +83,12 @@ class Method:
             raise MissingCapabilityError(
                 f"method {self.name!r} needs {', '.join(missing)}, which the {adapter.name!r} adapter does not "
                 f"provide; choose another method for this model family."
+            )
+        if not self.media & adapter.modalities:
+            raise MissingCapabilityError(
+                f"method {self.name!r} acts on {' and '.join(sorted(self.media))} input, and the {adapter.name!r} "
+                f"family takes only {' and '.join(sorted(adapter.modalities))}; wrap a family that takes video "
+                f"(supported: {', '.join(_video_families())})."
             )
         self.adapter = adapter
 

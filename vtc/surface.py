@@ -192,6 +192,21 @@ def set_layer_kv(cache: Any, i: int, keys: torch.Tensor, values: torch.Tensor) -
     layer.keys, layer.values = keys, values
 
 
+def cache_nbytes(cache: Any) -> int:
+    """Bytes a KV cache holds: every layer's keys and values (a layer that stores its tensors packed, as
+    a quantized layer does, reports its own ``nbytes``)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        own = getattr(layer, "nbytes", None)
+        if own is not None:
+            total += int(own() if callable(own) else own)
+            continue
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
 def cached_length(cache: Any, i: int = 0) -> int:
     """Tokens layer `i` of `cache` holds."""
     return cache.layers[i].get_seq_length()

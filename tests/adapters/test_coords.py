@@ -9,8 +9,13 @@ import torch
 from conftest import batch_for, tiny
 
 import vtc
+from vtc.adapters import adapter_for
 from vtc.config import MethodConfig
 from vtc.method import METHODS, LayerContext, Method, register_method
+from vtc.state import TokenKind
+
+# Families whose images are a base view and anyres tiles, each its own grid (not one square per image).
+ANYRES = ("llava_next", "llava_onevision", "llava_next_video")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,6 +64,18 @@ def test_images_are_raster_grids(family, how):
         else:
             model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
     state = _Spy.seen[0]
+    if family in ANYRES:  # tiles: each (image, crop) is its own raster grid; generate's layout is forward's
+        adapter = adapter_for(model)
+        assert torch.equal(state.layout.table, adapter.layout(state.visual, inputs).table)
+        fields = [state.layout.FIELDS.index(f) for f in ("media", "frame", "crop", "row", "col")]
+        for row in range(len(images)):
+            patch = state.visual[row] & (state.layout.field("kind")[row] == TokenKind.PATCH)
+            groups = state.layout.table[row][patch][:, fields]
+            for key in groups[:, :3].unique(dim=0):
+                cells = groups[(groups[:, :3] == key).all(-1), 3:]
+                cols = int(cells[:, 1].max()) + 1
+                assert torch.equal(cells[:, 0] * cols + cells[:, 1], torch.arange(len(cells)))
+        return
     for row, n in enumerate(images):
         got = state.coords[row][state.visual[row]]
         assert torch.equal(got, expected_grid(n, 16))

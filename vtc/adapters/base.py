@@ -45,6 +45,9 @@ class Adapter:
     #: True where the model numbers positions itself from the attention mask (M-RoPE): a padded batch
     #: then needs no explicit ``position_ids`` in a plain forward.
     mrope: ClassVar[bool] = False
+    #: True where the model takes a batch's videos as one ``[videos, frames, ...]`` tensor, so every
+    #: video of a batch has the same number of frames (LLaVA-OneVision, LLaVA-NeXT-Video).
+    equal_frames: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
