@@ -2,12 +2,18 @@
 
 A clip is :data:`FRAMES` frames of a ShapesQA background (:mod:`vtc.eval.shapesqa`'s textures) on which
 one to :data:`MAX_OBJECTS` shapes of distinct colours and distinct shapes appear, each at its own frame,
-move in a straight line (left, right, up or down, a few pixels a frame) and may disappear before the end.
+move in a straight line (left, right, up or down, 24 to 48 pixels while visible) and may disappear
+before the end.
 Every frame is a ShapesQA :class:`~vtc.eval.shapesqa.Scene`, drawn by ShapesQA's renderer, so both
-benchmarks share one look. Questions come in four types, each answered with one word:
+benchmarks share one look, with a clock on top: a dark bar along the top edge that grows by an eighth of
+the width each frame, as a player's progress bar does. Tokens carry no time of their own (the tower sees
+one frame at a time, and the language model's positions are relative), so the clock is what lets a tiny
+model trained in minutes tell an early frame from a late one. Questions come in four types, each
+answered with one word:
 
-- ``order``: "which shape appears first ?" -> the shape that enters first (entry frames are distinct);
-  asked about clips of two or more shapes.
+- ``order``: "what color is the shape that appears first ?" -> the colour of the shape that enters first
+  (entry frames are distinct; colours are distinct in a clip, so the colour names the shape); asked
+  about clips of two or more shapes.
 - ``direction``: "which way does the red circle move ?" -> left / right / up / down.
 - ``count``: "how many shapes appear in the video ?" -> a digit, every shape that is ever visible.
 - ``end``: "is the red circle there at the end ?" -> yes / no; always about a shape that does appear,
@@ -39,9 +45,11 @@ MAX_OBJECTS = 4
 TYPES = ("order", "direction", "count", "end")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 MIN_VISIBLE = 4  # frames a shape stays visible, so that its motion shows (at least 3 steps)
-SPEED = (5.0, 8.0)  # pixels a frame: at least 15 over the shortest visible span
+TRAVEL = (24.0, 48.0)  # pixels a shape moves while visible (at least a pooled token's width), evenly per frame
 SIZE = (16.0, 24.0)  # side of a shape's bounding box, as ShapesQA's
-MARGIN = 2.0  # pixels between a shape and the frame's edge
+MARGIN = 2.0  # pixels between a shape and the frame's edge (or the clock)
+CLOCK = 6  # pixels: the height of the clock, a bar along the top edge that grows by one eighth a frame
+CLOCK_COLOR = (20, 20, 20)
 GAP = 3.0  # pixels between two shapes' bounding boxes, in every frame both are visible
 FPS = 4
 SPLIT_SEEDS = shapesqa.SPLIT_SEEDS
@@ -119,7 +127,7 @@ def _inside(track: Track, size: int) -> bool:
     half = track.size / 2 + MARGIN
     for t in (track.enter, track.leave):  # straight lines: the ends are the extremes
         x, y = track.position(t)
-        if not (half <= x <= size - half and half <= y <= size - half):
+        if not (half <= x <= size - half and CLOCK + half <= y <= size - half):
             return False
     return True
 
@@ -151,14 +159,16 @@ def sample_clip(rng: random.Random, frames: int = FRAMES, size: int = IMAGE_SIZE
             shape = rng.choices(shapesqa.SHAPES, shapesqa.SHAPE_PRIOR)[0]
             if shape not in shapes:
                 shapes.append(shape)
-        rng.shuffle(shapes)  # the first drawn is the likeliest under the prior; it would always enter first
+        rng.shuffle(colors)  # the first drawn is the likeliest under the prior; it would always enter first
+        rng.shuffle(shapes)
         enters = sorted(rng.sample(range(frames - MIN_VISIBLE + 1), n))
         tracks: list[Track] = []
         for color, shape, enter in zip(colors, shapes, enters, strict=True):
             last = frames - 1
             if rng.random() < 0.5 and enter + MIN_VISIBLE - 1 <= frames - 2:
                 last = rng.randint(enter + MIN_VISIBLE - 1, frames - 2)
-            direction, speed, side = rng.choice(list(DIRECTIONS)), rng.uniform(*SPEED), rng.uniform(*SIZE)
+            direction, side = rng.choice(list(DIRECTIONS)), rng.uniform(*SIZE)
+            speed = rng.uniform(*TRAVEL) / (last - enter)
             for _ in range(100):
                 x, y = rng.uniform(0, size), rng.uniform(0, size)
                 track = Track(color, shape, side, x, y, direction, speed, enter, last)
@@ -174,9 +184,21 @@ def sample_clip(rng: random.Random, frames: int = FRAMES, size: int = IMAGE_SIZE
             return Clip(tuple(tracks), background, pattern, rng.getrandbits(31), frames, size)
 
 
+def clock_length(t: int, frames: int = FRAMES, size: int = IMAGE_SIZE) -> int:
+    """Pixels of the clock's bar in frame ``t``: ``size * (t + 1) / frames``, so the last frame's is full."""
+    return round(size * (t + 1) / frames)
+
+
+def render_frame(clip: Clip, t: int) -> np.ndarray:
+    """Frame ``t``, ``[H, W, 3]`` uint8 RGB: ShapesQA's renderer for the scene, then the clock on top."""
+    image = np.array(shapesqa.render(clip.scene(t)))
+    image[:CLOCK, : clock_length(t, clip.frames, clip.size)] = CLOCK_COLOR
+    return image
+
+
 def render(clip: Clip) -> np.ndarray:
-    """``[frames, H, W, 3]`` uint8 RGB: every frame drawn by ShapesQA's renderer."""
-    return np.stack([np.asarray(shapesqa.render(clip.scene(t))) for t in range(clip.frames)])
+    """``[frames, H, W, 3]`` uint8 RGB: every frame of the clip."""
+    return np.stack([render_frame(clip, t) for t in range(clip.frames)])
 
 
 def make_example(clip: Clip, rng: random.Random, kind: str, *, positive: bool = True) -> Example | None:
@@ -187,7 +209,7 @@ def make_example(clip: Clip, rng: random.Random, kind: str, *, positive: bool = 
     if kind == "order":
         if len(clip.tracks) < 2:
             return None
-        return Example("which shape appears first ?", clip.first().shape, "order")
+        return Example("what color is the shape that appears first ?", clip.first().color, "order")
     if kind == "direction":
         track = rng.choice(clip.tracks)
         return Example(f"which way does the {track.name} move ?", track.direction, "direction", track.name)
