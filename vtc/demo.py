@@ -3,6 +3,8 @@
 It loads the reference LLaVA that ships with vtc (trained on ShapesQA, 144 visual tokens per image), writes
 a held-out ShapesQA split, answers it dense and with every registered pruning method at three budgets, and
 prints one table: accuracy, accuracy relative to dense, prefill FLOPs, prefill time and tokens kept.
+``vtc demo --video`` does the same with the video reference model (a LLaVA-OneVision trained on
+ShapesQA-Video, 129 visual tokens per 8-frame clip) on held-out ShapesQA-Video questions.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import dataclasses
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -94,58 +97,60 @@ def label(config: Any) -> str:
     return config.method
 
 
-def run(args: argparse.Namespace) -> int:
-    """Answer a ShapesQA split dense and pruned; print accuracy, FLOPs, time and tokens kept."""
+@dataclasses.dataclass
+class Bench:
+    """What the comparison needs of a demo's data: how to answer and score its rows, and one batch to time.
+
+    Attributes:
+        answer: rows -> greedy predictions, through whatever model is wrapped at the time.
+        score: (rows, predictions) -> metrics with ``accuracy`` and ``acc_<type>``.
+        types: the question types shown as columns.
+        timing_batch: one batch of the model's inputs, prefilled to time each setting.
+    """
+
+    answer: Callable[[list[dict]], list[str]]
+    score: Callable[[list[dict], list[str]], dict[str, float]]
+    types: tuple[str, ...]
+    timing_batch: dict[str, Any]
+
+
+def compare(model: Any, n_visual: int, rows: list[dict], bench: Bench, args: argparse.Namespace) -> str:
+    """Answer `rows` dense and with every pruning method at the three matched budgets; the table, as text."""
     import vtc
     from vtc.adapters import adapter_for
     from vtc.bench import format_rows, nothing, time_round_robin
-    from vtc.eval import shapesqa
     from vtc.progress import bar
-    from vtc.reference import evaluate
-    from vtc.reference import model as reference
 
-    started = time.perf_counter()
-    torch.manual_seed(0)
-    model, processor = reference.load(args.model)
-    n_visual = model.config.image_seq_length
     methods = args.methods.split(",") if args.methods else pruning_methods()
-    with tempfile.TemporaryDirectory() as root:
-        shapesqa.write_split(root, "test", args.rows)
-        rows = shapesqa.read_split(root, "test")
-        timing_batch = evaluate.inputs_for(processor, rows[: args.batch_size], root)
-        text_tokens = round(float(timing_batch["attention_mask"].sum(dim=1).double().mean()) - n_visual)
-        dims = adapter_for(model).dims()
-        settings = [None] + [at_budget(m.strip(), f, n_visual, dims, text_tokens) for f in BUDGETS for m in methods]
-        print(
-            f"vtc demo: the reference LLaVA ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
-            f"{n_visual} visual tokens per image) on {len(rows)} held-out ShapesQA questions, "
-            f"dense and {len(settings) - 1} pruned settings at matched prefill FLOPs."
-        )
-        results, providers = [], {}
-        shown = bar(len(settings) * len(rows), "answering", unit="q", enabled=not getattr(args, "quiet", False))
-        for setting in settings:
-            config = None if setting is None else setting.config
-            name = "dense" if config is None else f"{setting.budget} {label(config)}"
-            if setting is not None and not setting.matched:
-                name += " (pre-pass: unmatched)"
-            with vtc.apply(model, config if config is not None else "dart.noop") as handle:
-                preds = evaluate.predict(model, processor, rows, root, batch_size=args.batch_size)
-                with torch.no_grad():
-                    model(**timing_batch, logits_to_keep=1)  # the stats of one prefill of the timing batch
-                stats = handle.stats
-            kept = [sum(row) / len(row) for row in stats.visual_per_layer]
-            target = 1.0 if setting is None else setting.target
-            results.append((name, shapesqa.score(rows, preds), stats.flops, target, kept[-1], sum(kept) / len(kept)))
+    timing_batch = bench.timing_batch
+    text_tokens = round(float(timing_batch["attention_mask"].sum(dim=1).double().mean()) - n_visual)
+    dims = adapter_for(model).dims()
+    settings = [None] + [at_budget(m.strip(), f, n_visual, dims, text_tokens) for f in BUDGETS for m in methods]
+    results, providers = [], {}
+    shown = bar(len(settings) * len(rows), "answering", unit="q", enabled=not getattr(args, "quiet", False))
+    for setting in settings:
+        config = None if setting is None else setting.config
+        name = "dense" if config is None else f"{setting.budget} {label(config)}"
+        if setting is not None and not setting.matched:
+            name += " (pre-pass: unmatched)"
+        with vtc.apply(model, config if config is not None else "dart.noop") as handle:
+            preds = bench.answer(rows)
+            with torch.no_grad():
+                model(**timing_batch, logits_to_keep=1)  # the stats of one prefill of the timing batch
+            stats = handle.stats
+        kept = [sum(row) / len(row) for row in stats.visual_per_layer]
+        target = 1.0 if setting is None else setting.target
+        results.append((name, bench.score(rows, preds), stats.flops, target, kept[-1], sum(kept) / len(kept)))
 
-            def prefill(batch=timing_batch) -> None:
-                with torch.no_grad():
-                    model(**batch, logits_to_keep=1)
+        def prefill(batch=timing_batch) -> None:
+            with torch.no_grad():
+                model(**batch, logits_to_keep=1)
 
-            setup = nothing if config is None else (lambda c=config: vtc.apply(model, c))
-            providers[name] = (prefill, setup)
-            shown.update(len(rows))
-        shown.close()
-        timings = time_round_robin(providers, torch.device("cpu"), warmup=1, repeats=args.repeats)
+        setup = nothing if config is None else (lambda c=config: vtc.apply(model, c))
+        providers[name] = (prefill, setup)
+        shown.update(len(rows))
+    shown.close()
+    timings = time_round_robin(providers, torch.device("cpu"), warmup=1, repeats=args.repeats)
 
     dense = results[0][1]
     table = []
@@ -155,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
                 "method": name,
                 "acc": metrics["accuracy"],
                 "rel": metrics["accuracy"] / max(dense["accuracy"], 1e-9),
-                **{t: metrics.get(f"acc_{t}", float("nan")) for t in shapesqa.TYPES},
+                **{t: metrics.get(f"acc_{t}", float("nan")) for t in bench.types},
                 "flops": flops.prefill_ratio,
                 "target": target,
                 "ms": timings[name].median_ms,
@@ -168,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         ("method", "method", "s"),
         ("acc", "accuracy", ".1%"),
         ("rel", "vs dense", ".1%"),
-        *[(t, t, ".0%") for t in shapesqa.TYPES],
+        *[(t, t, ".0%") for t in bench.types],
         ("flops", "prefill FLOPs", ".1%"),
         ("target", "budget's", ".1%"),
         ("ms", "prefill ms", ".1f"),
@@ -176,14 +181,92 @@ def run(args: argparse.Namespace) -> int:
         ("last", "visual kept", ".1f"),
         ("avg", "layer avg", ".1f"),
     ]
-    print(format_rows(table, columns))
+    return format_rows(table, columns)
+
+
+def footnote(n_visual: int, prompts: int, repeats: int) -> str:
+    """What the table's columns mean (shared by the image and the video demo)."""
+    return (
+        f"Prefill FLOPs: decoder, papers' formula, relative to dense, measured; budget's: the FLOPs of {ANCHOR} "
+        f"keeping the budget's share of the visual tokens, which every method's keep is chosen to match (within "
+        f"{TOLERANCE:.0%} points, planned; a row marked unmatched cannot reach it). Time: median of {repeats} "
+        f"prefills of {prompts} prompts. Visual kept: tokens entering the last layer (of {n_visual}); layer avg: "
+        f"averaged over layers."
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Answer a ShapesQA split (or, with ``--video``, a ShapesQA-Video one) dense and pruned; print the table."""
+    if getattr(args, "video", False):
+        return run_video(args)
+    from vtc.eval import shapesqa
+    from vtc.reference import evaluate
+    from vtc.reference import model as reference
+
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    model, processor = reference.load(args.model)
+    n_visual = model.config.image_seq_length
+    n_settings = 1 + len(BUDGETS) * len(args.methods.split(",") if args.methods else pruning_methods())
+    with tempfile.TemporaryDirectory() as root:
+        shapesqa.write_split(root, "test", args.rows)
+        rows = shapesqa.read_split(root, "test")
+        print(
+            f"vtc demo: the reference LLaVA ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+            f"{n_visual} visual tokens per image) on {len(rows)} held-out ShapesQA questions, "
+            f"dense and {n_settings - 1} pruned settings at matched prefill FLOPs."
+        )
+        bench = Bench(
+            answer=lambda batch: evaluate.predict(model, processor, batch, root, batch_size=args.batch_size),
+            score=shapesqa.score,
+            types=shapesqa.TYPES,
+            timing_batch=evaluate.inputs_for(processor, rows[: args.batch_size], root),
+        )
+        table = compare(model, n_visual, rows, bench, args)
+    print(table)
     print(
-        f"Accuracy: greedy answers to the four question types, exact match; describe: the description names "
-        f"exactly the scene's objects. Prefill FLOPs: decoder, papers' formula, relative to dense, measured; "
-        f"budget's: the FLOPs of {ANCHOR} keeping the budget's share of the visual tokens, which every method's "
-        f"keep is chosen to match (within {TOLERANCE:.0%} points, planned; a row marked unmatched cannot reach it). "
-        f"Time: median of {args.repeats} prefills of {len(timing_batch['input_ids'])} "
-        f"prompts. Visual kept: tokens entering the last layer (of {n_visual}); layer avg: averaged over layers. "
+        "Accuracy: greedy answers to the four question types, exact match; describe: the description names "
+        f"exactly the scene's objects. {footnote(n_visual, len(bench.timing_batch['input_ids']), args.repeats)} "
         f"{time.perf_counter() - started:.0f} s."
+    )
+    return 0
+
+
+def run_video(args: argparse.Namespace) -> int:
+    """The video reference model (LLaVA-OneVision) on held-out ShapesQA-Video clips, dense and pruned."""
+    from vtc.eval import shapesqa_video
+    from vtc.reference.video import model as reference
+    from vtc.reference.video.train import predict
+
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    model, tokenizer = reference.load(args.model)
+    n_visual = reference.video_tokens()
+    rows, clips = [], {}
+    for row, clip in shapesqa_video.split_rows("test", args.rows):  # drawn in memory: the split's videos are lossless
+        rows.append(row)
+        clips[row["id"]] = shapesqa_video.render(clip)
+    n_settings = 1 + len(BUDGETS) * len(args.methods.split(",") if args.methods else pruning_methods())
+    print(
+        f"vtc demo --video: the video reference LLaVA-OneVision ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}"
+        f" M parameters, {n_visual} visual tokens per {reference.FRAMES}-frame clip) on {len(rows)} held-out "
+        f"ShapesQA-Video questions, dense and {n_settings - 1} pruned settings at matched prefill FLOPs."
+    )
+
+    def answer(batch: list[dict]) -> list[str]:
+        questions, frames = [r["question"] for r in batch], [clips[r["id"]] for r in batch]
+        return predict(model, tokenizer, questions, frames, batch_size=args.batch_size)
+
+    head = rows[: args.batch_size]
+    timing_batch = reference.video_inputs(
+        tokenizer, [clips[r["id"]] for r in head], [reference.prompt(r["question"]) for r in head]
+    )
+    bench = Bench(answer, shapesqa_video.score, shapesqa_video.TYPES, timing_batch)
+    print(compare(model, n_visual, rows, bench, args))
+    print(
+        "Accuracy: greedy one-word answers, exact match: the colour of the shape that appears first (order), "
+        "which way a shape moves (direction), how many shapes appear (count), whether a shape is there at the end "
+        "(end). "
+        f"{footnote(n_visual, len(timing_batch['input_ids']), args.repeats)} {time.perf_counter() - started:.0f} s."
     )
     return 0

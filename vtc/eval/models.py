@@ -1,7 +1,8 @@
 """Loading the model an evaluation runs on: a hub name, a local folder, or ``reference``.
 
 ``reference`` names the LLaVA trained on ShapesQA that ships inside vtc (``vtc.reference``), so
-``vtc eval --model reference --tasks shapesqa`` needs no download and no path.
+``vtc eval --model reference --tasks shapesqa`` needs no download and no path; ``reference-video`` names
+the LLaVA-OneVision trained on ShapesQA-Video (``vtc.reference.video``), for ``--tasks shapesqa_video``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import torch
 
 #: The name that stands for the reference model shipped with vtc.
 REFERENCE = "reference"
+#: The name that stands for the video reference model shipped with vtc (``vtc.reference.video``).
+REFERENCE_VIDEO = "reference-video"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -22,6 +25,10 @@ def model_source(name: str | Path) -> str:
         from vtc.reference.model import WEIGHTS
 
         return str(WEIGHTS)
+    if str(name) == REFERENCE_VIDEO:
+        from vtc.reference.video.model import WEIGHTS as VIDEO_WEIGHTS
+
+        return str(VIDEO_WEIGHTS)
     return str(name)
 
 
@@ -31,6 +38,8 @@ def model_label(name: str | Path) -> str:
     path = Path(str(name))
     if str(name) == REFERENCE or (path.name == "weights" and path.parent.name == REFERENCE):
         return REFERENCE
+    if str(name) == REFERENCE_VIDEO or (path.name == "weights" and path.parent.parent.name == REFERENCE):
+        return REFERENCE_VIDEO
     return path.name or str(name)
 
 

@@ -388,3 +388,40 @@ register(
         make_split=_shapes_split,
     )
 )
+
+
+# -- ShapesQA-Video (the synthetic video benchmark of vtc.eval.shapesqa_video) ------------------------------------
+def _shapes_video_score(records: Sequence[Record]) -> dict[str, float]:
+    from vtc.eval import shapesqa_video
+
+    rows = [{"type": r["type"], "answer": r["target"]} for r in records]
+    return shapesqa_video.score(rows, [r["prediction"] for r in records])
+
+
+#: Questions in a generated ShapesQA-Video split (lossless clips, about 28 KB each; ``--limit`` takes the first N).
+SHAPESQA_VIDEO_ROWS = 500
+
+
+def _shapes_video_split(root: Any, split: str) -> Any:
+    from vtc.eval import shapesqa_video
+
+    return shapesqa_video.write_split(root, split, SHAPESQA_VIDEO_ROWS)
+
+
+register(
+    Task(
+        name="shapesqa_video",
+        columns=("id", "video", "question", "answer", "type"),
+        text=lambda d: str(d["question"]),  # as the video reference model was trained: no answer-format suffix
+        target=lambda d: str(d["answer"]),
+        score=_shapes_video_score,
+        primary="accuracy",
+        split="test",
+        visual="video",
+        modality="video",
+        max_new_tokens=8,
+        id_key="id",
+        record_keys=("type", "objects"),
+        make_split=_shapes_video_split,
+    )
+)

@@ -43,19 +43,26 @@ def prompt(question: str) -> str:
     return f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
 
 
-def build_tokenizer() -> Any:
-    """A word-level fast tokenizer over ShapesQA's vocabulary (``<s>`` first, padding on the left)."""
+def build_tokenizer(
+    specials: tuple[str, ...] = SPECIALS, words: tuple[str, ...] = WORDS, media: dict[str, str] | None = None
+) -> Any:
+    """A word-level fast tokenizer (``<s>`` first, padding on the left), over ShapesQA's vocabulary by default.
+
+    ``specials`` come first (``<pad>``, ``<s>``, ``</s>``, ``<unk>``, then the media placeholders) and
+    ``media`` names the placeholders for the processor (``{"image_token": "<image>"}`` by default); the
+    video reference model (:mod:`vtc.reference.video.model`) passes its own words and ``<video>``.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate((*SPECIALS, *WORDS))}
+    vocab = {tok: i for i, tok in enumerate((*specials, *words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    tok.add_special_tokens(list(SPECIALS))
+    tok.add_special_tokens(list(specials))
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        padding_side="left", extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left", extra_special_tokens=media or {"image_token": IMAGE_TOKEN},
     )  # fmt: skip
 
 
