@@ -62,7 +62,8 @@ def test_unsupported_model_names_the_supported_families():
 
     text_only = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                              num_attention_heads=2))  # fmt: skip
-    with pytest.raises(vtc.UnsupportedModelError, match="llava, qwen2_5_vl, qwen2_vl"):
+    families = "llava, llava_next, llava_next_video, llava_onevision, qwen2_5_vl, qwen2_vl"
+    with pytest.raises(vtc.UnsupportedModelError, match=families):
         vtc.wrap(text_only, "dart")
 
 
@@ -79,7 +80,9 @@ def test_keyword_settings_with_several_methods_are_refused():
 def test_listing():
     assert "dart" in vtc.list_methods()
     assert {"dart.r64", "dart.r128", "dart.r192", "dart.noop"} <= set(vtc.list_methods(presets=True))
-    assert vtc.list_adapters() == ["llava", "qwen2_5_vl", "qwen2_vl"]
+    assert vtc.list_adapters() == [
+        "llava", "llava_next", "llava_next_video", "llava_onevision", "qwen2_5_vl", "qwen2_vl"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("spec", vtc.list_methods(presets=True))

@@ -193,7 +193,7 @@ def tiny_llava_video_model(family: str):
     """A tiny random LLaVA-OneVision (SigLIP + Qwen2), LLaVA-NeXT-Video or LLaVA-NeXT (CLIP + Llama)."""
     import transformers as tf
 
-    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
     vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4)  # fmt: skip
