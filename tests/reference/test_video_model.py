@@ -14,7 +14,7 @@ from vtc.eval import shapesqa, shapesqa_video
 from vtc.reference.video import model as reference
 from vtc.reference.video import targets
 from vtc.reference.video.train import main as train_main
-from vtc.reference.video.train import training_batch
+from vtc.reference.video.train import predict, training_batch
 
 
 def test_every_question_and_answer_word_is_in_the_vocabulary():
@@ -181,6 +181,33 @@ def test_twenty_steps_rerun_to_the_same_bytes(tmp_path):
     assert a == b
 
 
+def test_vtc_eval_names_the_shipped_weights_reference_video():
+    from vtc.eval import models
+
+    assert models.model_source("reference-video") == str(reference.WEIGHTS)
+    assert models.model_label(reference.WEIGHTS) == models.model_label("reference-video") == "reference-video"
+    assert models.model_label("reference") == "reference"
+
+
 def test_load_names_the_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config\.json is missing"):
         reference.load(tmp_path / "nothing")
+
+
+def test_shipped_model_answers_held_out_clips(tmp_path):
+    """The shipped weights, read through ``from_pretrained``, on 48 held-out clips decoded from their mp4s.
+
+    On the 400-row ``val`` split they score as metrics.json says (docs/REFERENCE.md); these floors, on 48
+    ``test`` rows (12 per type), leave room for sampling and catch a broken loader, input or chat format.
+    """
+    pytest.importorskip("av")
+    from vtc.eval.video import read_frames
+
+    model, tok = reference.load()
+    shapesqa_video.write_split(tmp_path, "test", 48)
+    rows = shapesqa_video.read_split(tmp_path, "test")
+    clips = [read_frames(tmp_path / r["video"], reference.FRAMES) for r in rows]
+    metrics = shapesqa_video.score(rows, predict(model, tok, [r["question"] for r in rows], clips, batch_size=24))
+    assert metrics["accuracy"] >= 0.9, metrics
+    for kind in shapesqa_video.TYPES:  # chance: order ~35%, direction 25%, count 25%, end 50%
+        assert metrics[f"acc_{kind}"] >= 0.75, (kind, metrics)

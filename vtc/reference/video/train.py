@@ -138,7 +138,7 @@ def predict(model: Any, tokenizer: Any, questions: list[str], clips: list[Any], 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vtc.reference.video.train", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for the weights, processor, log and metrics")
-    p.add_argument("--steps", type=int, default=1400)
+    p.add_argument("--steps", type=int, default=1100)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=60)
