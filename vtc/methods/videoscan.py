@@ -322,6 +322,7 @@ class Scanner:
         """Run the model on the chunk: the first forward as the model's own prefill, later ones as extras."""
         model = self.target.model
         kwargs = {"inputs_embeds": chunk, "attention_mask": valid.long(), "position_ids": pos, "use_cache": True}
+        kwargs["logits_to_keep"] = 1  # only the chunk's last column is read (chunks are left-padded)
         self.method.listening = listen
         try:
             if self.cache is None:
