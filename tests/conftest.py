@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -92,6 +93,29 @@ def family(request) -> str:
     return request.param
 
 
+#: One family per way of laying out and numbering visual tokens: LLaVA-1.5 (one view, 1-D positions),
+#: LLaVA-OneVision (anyres tiles, newline tokens, pooled video frames) and Qwen2-VL (merged patches,
+#: M-RoPE). A method's own invariants run on these; the matrix (every method on every family, images and
+#: videos), the adapter, compaction and FLOPs tests run on all six.
+REPRESENTATIVE = ("llava", "llava_onevision", "qwen2_vl")
+#: Test files whose `family` cases run on REPRESENTATIVE only (paths relative to tests/).
+METHOD_LEVEL = ("methods/", "test_bench.py", "test_budget.py", "test_compose.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Deselect the method-level cases of the families outside REPRESENTATIVE (the run's summary counts them)."""
+    root = Path(__file__).parent
+    keep, drop = [], []
+    for item in items:
+        family = getattr(item, "callspec", None) and item.callspec.params.get("family")
+        where = item.path.relative_to(root).as_posix() if item.path.is_relative_to(root) else ""
+        method_level = any(where == f or (f.endswith("/") and where.startswith(f)) for f in METHOD_LEVEL)
+        (drop if method_level and family and family not in REPRESENTATIVE else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_wrap():
     """Every test must leave the cached models unwrapped."""
@@ -114,4 +138,6 @@ def hook_ids(model: torch.nn.Module) -> set[tuple[str, str, int]]:
     return out
 
 
-__all__ = ["FAMILIES", "batch_for", "forward_inputs", "generate", "hook_ids", "text_inputs", "tiny", "vtc"]
+__all__ = [
+    "FAMILIES", "REPRESENTATIVE", "batch_for", "forward_inputs", "generate", "hook_ids", "text_inputs", "tiny", "vtc"
+]  # fmt: skip
