@@ -6,13 +6,17 @@ new tokens per target forward (the prefill, which yields the first token, counte
 per token, the share of drafted tokens kept, the share of time in the draft, and the wall-clock
 decode speedup over plain greedy. Rows go to benchmarks/results/specdec.csv with date, device and command.
 
-Drafts (no trained draft head ships yet):
+Drafts:
+- ``head``: the trained MSD / EAGLE-style draft head (``vtc/reference/draft_head``, trained by
+  ``python -m vtc.reference.train_draft_head``; ``--head DIR`` for another): one decoder layer over the
+  target's own hidden states and input embeddings.
 - ``layers2``: the reference model cut to its first two decoder layers: a smaller VLM of the family.
 - ``text``: the reference model's language model alone, as a text-only causal LM (the image left out).
 - ``copy+dart``: a copy of the target whose own session keeps 10% of its visual tokens (SpecVLM's recipe).
 
     python benchmarks/bench_specdec.py                 # 16 questions, k = 2..6, every draft
     python benchmarks/bench_specdec.py --rows 4 --ks 2,4 --drafts layers2
+    python benchmarks/bench_specdec.py --drafts head   # the trained head alone
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from vtc.cli import append_rows, environment
 from vtc.eval import shapesqa
 from vtc.reference import evaluate
 from vtc.reference import model as reference
+from vtc.reference.train_draft_head import load_head
 
 
 def layers_draft(model: nn.Module, keep: int) -> nn.Module:
@@ -67,13 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=16, help="held-out describe questions")
     p.add_argument("--batch-size", type=int, default=1, help="1: the latency case speculative decoding serves")
     p.add_argument("--ks", default="2,3,4,5,6")
-    p.add_argument("--drafts", default="layers2,text,copy+dart")
+    p.add_argument("--drafts", default="head,layers2,text,copy+dart")
+    p.add_argument("--head", default=None, help="folder of a trained draft head (default: the shipped one)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "specdec.csv"))
     args = p.parse_args(argv)
     torch.manual_seed(0)
     model, processor = reference.load()
     drafts = {"layers2": lambda: layers_draft(model, 2), "text": lambda: text_draft(model)}
+    drafts["head"] = lambda: load_head(args.head)
     drafts["copy+dart"] = lambda: copy.deepcopy(model)
     ks = [int(k) for k in args.ks.split(",")]
     settings = {"max_new_tokens": args.max_new_tokens, "do_sample": False}

@@ -145,6 +145,16 @@ def output_cache(output: Any) -> Any:
     return None
 
 
+def last_hidden_state(output: Any) -> torch.Tensor:
+    """The last hidden states ``[B, L, d]`` a text model's output carries (after its final norm)."""
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
+def text_final_norm(text_model: nn.Module) -> nn.Module:
+    """A language model's final norm (the module whose output the LM head reads)."""
+    return text_model.norm
+
+
 def carries_media(kwargs: dict[str, Any]) -> bool:
     """Whether a multimodal forward's arguments bring any image or video: without them the model embeds
     placeholder ids as ordinary tokens (a decode step may sample one), and so must vtc."""

@@ -12,6 +12,8 @@ from conftest import batch_for, tiny
 import vtc
 from vtc.adapters import ADAPTERS
 from vtc.errors import MethodConflictError
+from vtc.methods import specdec
+from vtc.methods.draft_head import DraftHead
 from vtc.methods.speculative import accept_greedy, accept_sampling, warp
 
 FAMILIES = ["llava", "qwen2_vl"]
@@ -30,12 +32,20 @@ def text_lm(vocab: int = 128, seed: int = 3):
     return LlamaForCausalLM(config).eval()
 
 
+def head_for(family: str, seed: int = 5) -> DraftHead:
+    """A randomly initialised draft head built from the tiny target's config."""
+    torch.manual_seed(seed)
+    return DraftHead.for_target(tiny(family)).eval()
+
+
 def draft(family: str, kind: str):
-    """Drafts of every kind, cached: a copy of the target, a smaller VLM of the family, a text LM."""
+    """Drafts of every kind, cached: a copy of the target, a smaller VLM of the family, a text LM, a head."""
     key = (family, kind)
     if key not in _DRAFTS:
         if kind == "copy":
             _DRAFTS[key] = copy.deepcopy(tiny(family))
+        elif kind == "head":
+            _DRAFTS[key] = head_for(family)
         elif kind == "small_vlm":
             _DRAFTS[key] = ADAPTERS.get(family).tiny_model(seed=1, num_layers=2)
         else:
@@ -49,7 +59,7 @@ def speculative(target, inputs, spec, **settings):
         return out, handle.stats.speculative
 
 
-@pytest.mark.parametrize("kind", ["copy", "small_vlm", "text_lm"])
+@pytest.mark.parametrize("kind", ["copy", "small_vlm", "text_lm", "head"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_output_is_the_targets_for_every_draft(family, kind):
     target = tiny(family)
@@ -62,6 +72,56 @@ def test_greedy_output_is_the_targets_for_every_draft(family, kind):
     assert stats.tokens == 8 and stats.rounds >= 2
     if kind == "copy":  # the target drafting for itself: every drafted token is kept
         assert stats.acceptance_rate == 1.0 and stats.rounds == 2  # 1 from the prefill, 3 + 1, then 2 + 1
+
+
+def test_the_heads_cache_holds_the_verified_sequence_read_in_one_pass(monkeypatch):
+    """After a speculative generate, the head's cache and its last estimate are what one pass of the head
+    over the whole output gives: the entries it made from its own estimates were cropped, and every
+    verified position was fed with the target's state and the token that followed it."""
+    target = tiny("llava")
+    inputs, _ = batch_for(target, "llava", images=[1, 1], batch=2)
+    made = []
+
+    def recording(head, bound):
+        made.append(make_draft(head, bound))
+        return made[-1]
+
+    make_draft = specdec.make_draft
+    monkeypatch.setattr(specdec, "make_draft", recording)
+    head = draft("llava", "head")
+    out, stats = speculative(target, inputs, vtc.resolve("specdec", draft=head, k=3), **GREEDY)
+    loop_draft = made[-1]
+    assert stats.rounds >= 3 and loop_draft.hooks == []  # several rounds ran; the hooks are gone
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(out[:, inputs["input_ids"].shape[1] :])], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    loop_draft.open()  # its hooks record the target's embeddings and states over the whole output
+    with torch.no_grad():
+        target(input_ids=out, pixel_values=inputs["pixel_values"], attention_mask=mask, position_ids=positions)
+        following = torch.cat([loop_draft.embeds[:, 1:], target.get_input_embeddings()(out[:, -1:])], dim=1)
+        whole, _ = head(loop_draft.features[:, :-1], following[:, :-1], mask[:, :-1], positions[:, :-1])
+    loop_draft.close()
+    assert loop_draft.view.columns == out.shape[1] - 1  # one entry per pair (h_t, e_{t+1})
+    torch.testing.assert_close(loop_draft.last, whole[:, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_a_head_on_a_pruning_target_or_of_another_shape_is_refused():
+    target = tiny("llava")
+    inputs, _ = batch_for(target, "llava", images=[1, 1], batch=2)
+    head = draft("llava", "head")
+    with (
+        vtc.apply(target, ["dart.r64", vtc.resolve("specdec", draft=head)]),
+        pytest.raises(MethodConflictError, match="dart"),
+    ):
+        target.generate(**inputs, **GREEDY)
+    narrow = copy.deepcopy(target.config.text_config)
+    narrow.hidden_size, narrow.intermediate_size = 32, 64
+    with pytest.raises(ValueError, match=r"head is 32 wide and the target's language model 64.*for_target"):
+        vtc.wrap(target, "specdec", draft=DraftHead(narrow))
+    other = copy.deepcopy(target.config.text_config)
+    other.vocab_size = 96
+    with pytest.raises(ValueError, match="vocabulary of 96 tokens and the target has 128"):
+        vtc.wrap(target, "specdec", draft=DraftHead(other))
+    assert "generate" not in target.__dict__
 
 
 def test_adaptive_k_grows_while_drafts_are_kept_and_stays_exact():

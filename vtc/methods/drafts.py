@@ -5,6 +5,8 @@
   session prunes its visual tokens (SpecVLM's recipe) while the target's stays as it is.
 - :class:`TextDraft`: a text-only causal LM with the target's tokenizer; it sees the prompt with the
   image placeholders left out.
+- :class:`HeadDraft`: a trained :class:`~vtc.methods.draft_head.DraftHead` (MSD / EAGLE style), one
+  decoder layer over the target's own last hidden states and input embeddings (images included).
 
 A draft keeps its own KV cache. Per round it feeds the tokens it has not seen (the token the target
 emitted last, and a drafted token the target kept but the draft never fed), drafts ``k`` tokens, and is
@@ -22,7 +24,8 @@ from torch import nn
 from vtc import surface
 from vtc.adapters import adapter_for
 from vtc.engine.cache import CacheView
-from vtc.errors import UnsupportedModelError
+from vtc.errors import MethodConflictError, UnsupportedModelError
+from vtc.methods.draft_head import DraftHead
 
 
 def following(positions: torch.Tensor) -> torch.Tensor:
@@ -47,6 +50,8 @@ def vocabulary_size(model: nn.Module) -> int:
 def make_draft(draft: nn.Module, target: Any) -> Draft:
     """The draft wrapper for `draft` against the bound target adapter `target`; clear errors for a draft
     the target cannot verify."""
+    if isinstance(draft, DraftHead):
+        return HeadDraft(check_head(draft, target), target)
     if draft is target.model:
         raise ValueError(
             "specdec: the draft is the target model itself; pass a separate model (a smaller one of the same "
@@ -75,6 +80,25 @@ def make_draft(draft: nn.Module, target: Any) -> Draft:
     return VisionDraft(draft, target)
 
 
+def check_head(head: DraftHead, target: Any) -> DraftHead:
+    """`head` if it can read the target's hidden states and speak through its LM head; else a clear error."""
+    width, vocab = int(target.text_config.hidden_size), vocabulary_size(target.model)
+    fix = (
+        "a head reads the target's last hidden states and uses its LM head: build one for this target "
+        "(DraftHead.for_target(model), then train it) or load a head trained on this target"
+    )
+    if head.hidden_size != width:
+        raise ValueError(
+            f"specdec: the draft head is {head.hidden_size} wide and the target's language model {width}; {fix}."
+        )
+    if head.vocab_size != vocab:
+        raise ValueError(
+            f"specdec: the draft head was built for a vocabulary of {head.vocab_size} tokens and the target has "
+            f"{vocab}; {fix}."
+        )
+    return head
+
+
 class Draft:
     """A draft model's prompt, cache and position bookkeeping (subclasses choose what it sees)."""
 
@@ -82,6 +106,12 @@ class Draft:
         self.model = model
         self.target = target
         self.extra: Callable[[torch.Tensor], dict[str, torch.Tensor]] = lambda ids: {}
+
+    def open(self) -> None:
+        """Called before the target's prefill (a draft that reads the target installs its hooks here)."""
+
+    def close(self) -> None:
+        """Called when the generate call ends, however it ends."""
 
     def prompt(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
         """The draft's own prompt arguments and their positions."""
@@ -177,3 +207,108 @@ class TextDraft(Draft):
                 out_mask[b, width - len(row) :] = 1
         positions = (out_mask.cumsum(-1) - 1).clamp(min=0)
         return {"input_ids": out_ids, "attention_mask": out_mask}, positions
+
+
+class HeadDraft(Draft):
+    """A :class:`~vtc.methods.draft_head.DraftHead`: drafts from the target's own hidden states.
+
+    Hooks on the target's language model (installed by :meth:`open`, removed by :meth:`close`) keep the
+    input embeddings and the final norm's output of the target's last forward. The head's cache holds
+    one entry per position the target has verified, each made from the target's true hidden state: in a
+    round, the first draft is read from the head's output at the last verified position, the next ones
+    from the head fed its own estimate; after the verify the entries made from estimates are cropped and
+    the verified positions fed again with the target's states (EAGLE's bookkeeping).
+    """
+
+    def __init__(self, head: DraftHead, target: Any) -> None:
+        super().__init__(head, target)
+        self.embedding = target.model.get_input_embeddings()
+        self.lm_head = target.lm_head
+        self.hooks: list[Any] = []
+        self.embeds: torch.Tensor | None = None
+        self.features: torch.Tensor | None = None
+
+    def open(self) -> None:
+        pruning = [m.name for m in getattr(self.target, "methods", ()) if getattr(m, "prunes", False)]
+        if pruning:
+            raise MethodConflictError(
+                f"specdec: a draft head reads the target's hidden state at every prompt position, which "
+                f"{', '.join(pruning)} removes; use the head without pruning on the target, or another draft."
+            )
+
+        def embedded(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.embeds = kwargs.get("inputs_embeds")
+
+        def normed(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self.features = output
+
+        self.hooks = [
+            self.target.text_model.register_forward_pre_hook(embedded, with_kwargs=True),
+            self.target.final_norm.register_forward_hook(normed),
+        ]
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks, self.embeds, self.features = [], None, None
+
+    def logits(self, estimate: torch.Tensor) -> torch.Tensor:
+        """``[B, V]`` the target's LM head over the head's estimate ``[B, d]``."""
+        return self.lm_head(estimate.to(self.lm_head.weight.dtype))
+
+    @torch.no_grad()
+    def start(self, inputs: dict[str, Any], pending: torch.Tensor) -> None:
+        """Feed the prompt's pairs ``(h_t, e_{t+1})``, the last with `pending`'s embedding."""
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        features, embeds = self.features, self.embeds
+        if features is None or embeds is None or features.shape[1] != ids.shape[1] or embeds.shape[1] != ids.shape[1]:
+            raise ValueError(
+                "specdec: the draft head needs the target's hidden state at every prompt position, but the "
+                "target's prefill did not yield one per input token; run the target without methods that "
+                "change its sequence."
+            )
+        positions = self.target.prompt_positions(inputs)
+        following_embeds = torch.cat([embeds[:, 1:], self.embedding(pending).to(embeds.dtype)], dim=1)
+        estimates, self.cache = self.model(features, following_embeds, mask, positions)
+        self.view = CacheView(self.cache, surface.num_cache_layers(self.cache))
+        self.mask = mask
+        self.lead = positions.shape[:-2]
+        self.next = following(positions)
+        self.last = estimates[:, -1]
+        self.fed_drafts = 0
+
+    def _feed_pairs(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed pairs (`features` ``[B, n, d]``, embeddings of `tokens` ``[B, n]``); the last estimate ``[B, d]``."""
+        n = tokens.shape[1]
+        positions = continuing(self.next, n, self.lead)
+        self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
+        estimates, self.cache = self.model(features, self.embedding(tokens), self.mask, positions, self.cache)
+        self.next = self.next + n
+        return estimates[:, -1]
+
+    @torch.no_grad()
+    def propose(self, k: int, choose: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]):
+        self.fed_drafts = max(0, k - 1)
+        if k == 0:
+            return torch.zeros(self.last.shape[0], 0, dtype=torch.long, device=self.last.device), None
+        tokens, probs = [], []
+        estimate = self.last
+        for i in range(k):
+            token, prob = choose(self.logits(estimate), i)
+            tokens.append(token[:, None])
+            probs.append(prob)
+            if i < k - 1:  # the target has no state here yet: the head feeds its own estimate
+                estimate = self._feed_pairs(estimate[:, None], token[:, None])
+        return torch.cat(tokens, dim=1), torch.stack(probs, dim=1)
+
+    @torch.no_grad()
+    def commit(self, kept: int, drafted: torch.Tensor, emitted: torch.Tensor, k: int) -> None:
+        """Drop the entries made from estimates, then feed the verified positions with the target's states:
+        pending and the `kept` drafts, each paired with the token that followed it."""
+        if self.fed_drafts:
+            self.view.crop(self.view.columns - self.fed_drafts)
+            self.mask = self.mask[:, : -self.fed_drafts]
+            self.next = self.next - self.fed_drafts
+            self.fed_drafts = 0
+        verified = self.features[:, : kept + 1]  # the verify forward's states at pending, d_1 .. d_kept
+        self.last = self._feed_pairs(verified, torch.cat([drafted[:, :kept], emitted], dim=1))

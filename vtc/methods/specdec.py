@@ -3,8 +3,9 @@
 ``vtc.wrap(model, "specdec", draft=draft_model, k=4)``; stock ``model.generate(...)`` then decodes
 speculatively and returns what the target alone returns under greedy decoding (token for token), and
 the same distribution under sampling (the speculative-sampling rule, see ``vtc.methods.speculative``).
-The draft is a smaller VLM of the family (pruned by its own vtc session if wrapped) or a text-only LM
-with the target's tokenizer (``vtc.methods.drafts``). The target may carry pruning methods: their
+The draft is a smaller VLM of the family (pruned by its own vtc session if wrapped), a text-only LM
+with the target's tokenizer, or a trained draft head that reads the target's own hidden states
+(``vtc.methods.draft_head``; the kinds in ``vtc.methods.drafts``). The target may carry pruning methods: their
 prefill stages run as they do under stock generate, so ``["dart.r64", "specdec"]`` equals DART alone.
 
 Each round: the draft drafts ``k`` tokens; the target runs one EXTEND forward over the token it emitted
@@ -42,8 +43,8 @@ class SpecDecConfig(MethodConfig):
     """Settings of speculative decoding.
 
     Attributes:
-        draft: the draft model (required): a smaller VLM of the target's family, or a causal LM with the
-            target's tokenizer.
+        draft: the draft model (required): a smaller VLM of the target's family, a causal LM with the
+            target's tokenizer, or a ``DraftHead`` built for the target (``vtc.methods.draft_head``).
         k: tokens drafted per round (1..16); with `adaptive`, the first round's.
         adaptive: after a round whose drafts were all kept draft two more next time, otherwise one fewer
             (at least 1, at most 16): transformers' "heuristic" schedule for assisted generation.
@@ -156,6 +157,13 @@ class Loop:
         return out
 
     def run(self, inputs: dict[str, Any]) -> torch.Tensor:
+        self.draft.open()
+        try:
+            return self._run(inputs)
+        finally:
+            self.draft.close()
+
+    def _run(self, inputs: dict[str, Any]) -> torch.Tensor:
         started = time.perf_counter()
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         batch, width = ids.shape
