@@ -160,6 +160,44 @@ def test_with_dart_on_the_target_it_equals_dart_alone(family):
     assert stats.rounds >= 2
 
 
+# alpha 3 over the whole vocabulary: DeCo changes the greedy answer on both tiny models (checked below)
+DECO = {"alpha": 3.0, "top_p": 1.0, "top_k": 0}
+
+
+@pytest.mark.parametrize(("family", "kinds"), [("llava", ["small_vlm", "head"]), ("qwen2_vl", ["small_vlm"])])
+def test_with_deco_on_the_target_it_equals_deco_alone(family, kinds):
+    """The verify forward corrects every drafted position, so the rule compares drafts with DeCo's argmax."""
+    target = tiny(family)
+    inputs, _ = batch_for(target, family, images=[1, 1], batch=2)
+    deco = vtc.resolve("deco", **DECO)
+    with torch.no_grad():
+        plain = target.generate(**inputs, **GREEDY)
+        with vtc.apply(target, deco):
+            expected = target.generate(**inputs, **GREEDY)
+    assert not torch.equal(expected, plain)  # DeCo acts here, so equality says something
+    for i, kind in enumerate(kinds):
+        spec = vtc.resolve("specdec", draft=draft(family, kind), k=3)
+        out, stats = speculative(target, inputs, [deco, spec] if i % 2 else [spec, deco], **GREEDY)
+        assert torch.equal(out, expected) and stats.rounds >= 2
+    copy_ = draft(family, "copy")  # a copy decoding with DeCo drafts exactly what the corrected target emits
+    with vtc.apply(copy_, deco):
+        out, stats = speculative(target, inputs, [deco, vtc.resolve("specdec", draft=copy_, k=3)], **GREEDY)
+    assert torch.equal(out, expected) and stats.acceptance_rate == 1.0
+
+
+def test_with_deco_sampling_draws_from_the_corrected_distribution():
+    """Sampling with one candidate per step must reproduce DeCo's greedy answer, not the plain target's."""
+    target = tiny("qwen2_vl")
+    inputs, _ = batch_for(target, "qwen2_vl", images=[1, 1], batch=2)
+    deco = vtc.resolve("deco", **DECO)
+    with vtc.apply(target, deco), torch.no_grad():
+        expected = target.generate(**inputs, **GREEDY)
+    settings = {**GREEDY, "do_sample": True, "top_k": 1}
+    out, _ = speculative(target, inputs, [deco, vtc.resolve("specdec", draft=draft("qwen2_vl", "text_lm"), k=3)],
+                         **settings)  # fmt: skip
+    assert torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("family", ["llava"])  # Qwen's pruned draft: the same code path (its own session)
 def test_a_draft_pruned_by_its_own_session_keeps_the_output_exact(family):
     target = tiny(family)
@@ -260,9 +298,19 @@ def test_drafts_the_target_cannot_verify_are_refused_at_wrap():
         vtc.wrap(target, "specdec")
     with pytest.raises(ValueError, match="k must be"):
         vtc.wrap(target, "specdec", draft=text_lm(), k=0)
-    with pytest.raises(MethodConflictError, match="decoding"):
-        vtc.wrap(target, [vtc.resolve("specdec", draft=text_lm()), "deco"])
     assert "generate" not in target.__dict__  # nothing was left behind
+
+
+def test_a_second_loop_or_a_step_it_cannot_apply_per_position_is_refused_at_wrap():
+    target = tiny("qwen2_vl")
+    spec = vtc.resolve("specdec", draft=text_lm())
+    with pytest.raises(MethodConflictError, match=r"specdec and videoscan each replace the decoding loop"):
+        vtc.wrap(target, [spec, "videoscan"])
+    with pytest.raises(MethodConflictError, match="listed twice"):
+        vtc.wrap(target, [spec, vtc.resolve("specdec", draft=text_lm(seed=4))])
+    with pytest.raises(MethodConflictError, match=r"dropout_decoding cannot.*ensemble.*with stock generate"):
+        vtc.wrap(target, ["dropout_decoding", spec])
+    assert "generate" not in target.__dict__
 
 
 def test_beam_search_is_refused_by_name():

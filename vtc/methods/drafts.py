@@ -213,11 +213,12 @@ class HeadDraft(Draft):
     """A :class:`~vtc.methods.draft_head.DraftHead`: drafts from the target's own hidden states.
 
     Hooks on the target's language model (installed by :meth:`open`, removed by :meth:`close`) keep the
-    input embeddings and the final norm's output of the target's last forward. The head's cache holds
-    one entry per position the target has verified, each made from the target's true hidden state: in a
-    round, the first draft is read from the head's output at the last verified position, the next ones
-    from the head fed its own estimate; after the verify the entries made from estimates are cropped and
-    the verified positions fed again with the target's states (EAGLE's bookkeeping).
+    input embeddings and the last hidden states (after the final norm) of the target's last forward. The
+    head's cache holds one entry per position the target has verified, each made from the target's true
+    hidden state: in a round, the first draft is read from the head's output at the last verified
+    position, the next ones from the head fed its own estimate; after the verify the entries made from
+    estimates are cropped and the verified positions fed again with the target's states (EAGLE's
+    bookkeeping).
     """
 
     def __init__(self, head: DraftHead, target: Any) -> None:
@@ -239,12 +240,14 @@ class HeadDraft(Draft):
         def embedded(module: nn.Module, args: tuple, kwargs: dict) -> None:
             self.embeds = kwargs.get("inputs_embeds")
 
-        def normed(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            self.features = output
+        def normed(module: nn.Module, args: tuple, output: Any) -> None:
+            # The language model's output, not a hook on its final norm: an output hook such as DeCo's runs
+            # the final norm again over early layers' states after the forward.
+            self.features = surface.last_hidden_state(output)
 
         self.hooks = [
             self.target.text_model.register_forward_pre_hook(embedded, with_kwargs=True),
-            self.target.final_norm.register_forward_hook(normed),
+            self.target.text_model.register_forward_hook(normed),
         ]
 
     def close(self) -> None:

@@ -6,7 +6,10 @@ the same distribution under sampling (the speculative-sampling rule, see ``vtc.m
 The draft is a smaller VLM of the family (pruned by its own vtc session if wrapped), a text-only LM
 with the target's tokenizer, or a trained draft head that reads the target's own hidden states
 (``vtc.methods.draft_head``; the kinds in ``vtc.methods.drafts``). The target may carry pruning methods: their
-prefill stages run as they do under stock generate, so ``["dart.r64", "specdec"]`` equals DART alone.
+prefill stages run as they do under stock generate, so ``["dart.r64", "specdec"]`` equals DART alone. It may
+carry an output hook that corrects each position on its own (DeCo): the target's forwards run through its
+session, the verify forward's logits arrive corrected at every drafted position, and the rules compare
+against them, so ``["deco", "specdec"]`` equals DeCo alone.
 
 Each round: the draft drafts ``k`` tokens; the target runs one EXTEND forward over the token it emitted
 last plus the drafts; the longest agreeing prefix is kept plus the target's next token; both caches are
@@ -75,6 +78,9 @@ class SpecDec(Method):
     config_cls = SpecDecConfig
     hooks = frozenset({HookPoint.GENERATE})
     prunes = False
+    #: The target's forwards run through its session, so an output hook that corrects every position on its
+    #: own (DeCo) corrects each verified position: the rules then compare against the corrected target.
+    applies_output_hooks = True
     required_settings = ("draft",)
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
