@@ -11,8 +11,9 @@ from conftest import batch_for, tiny
 
 import vtc
 from vtc.adapters import ADAPTERS
+from vtc.engine.cache import CacheView
 from vtc.errors import MethodConflictError
-from vtc.methods import specdec
+from vtc.methods import drafts, specdec
 from vtc.methods.draft_head import DraftHead
 from vtc.methods.drafts import continuing, right_aligned
 from vtc.methods.speculative import accept_greedy, accept_sampling, warp
@@ -245,6 +246,33 @@ def test_rows_advance_at_their_own_pace_and_each_equals_its_batch_1_run(family, 
     assert stats.rounds <= lock.rounds
     if family == "qwen2_vl":  # here the rows are slow at different times: lock-step costs a forward
         assert stats.rounds < lock.rounds and stats.tokens_per_target_forward > lock.tokens_per_target_forward
+
+
+def test_packing_the_holes_away_keeps_every_row_exact(monkeypatch):
+    """Packed after every round (COMPACT_AT 1): the caches drop the columns every row has a hole in, and
+    the output and each row's kept drafts stay those of the unpacked run (which match stock greedy)."""
+    target = tiny("qwen2_vl")
+    inputs, _ = batch_for(target, "qwen2_vl", images=[1] * 3, batch=3)
+    settings = {**GREEDY, "max_new_tokens": 12, "min_new_tokens": 12}
+    with torch.no_grad():
+        expected = target.generate(**inputs, **settings)
+    packed = []
+    pack_tail = CacheView.pack_tail
+
+    def counting(view, valid):
+        out = pack_tail(view, valid)
+        packed.append(valid.shape[1] - out.shape[1])
+        return out
+
+    small = draft("qwen2_vl", "pruned_copy")
+    spec = vtc.resolve("specdec", draft=small, k=4)
+    with vtc.apply(small, "dart.r64", layer=1):
+        _, plain = speculative(target, inputs, spec, **settings)
+        monkeypatch.setattr(drafts, "COMPACT_AT", 1)
+        monkeypatch.setattr(CacheView, "pack_tail", counting)
+        out, stats = speculative(target, inputs, spec, **settings)
+    assert torch.equal(out, expected) and stats.row_accepted == plain.row_accepted
+    assert len(packed) >= 3 and sum(packed) > 0
 
 
 @pytest.mark.parametrize("family", ["llava"])  # Qwen's pruned draft: the same code path (its own session)

@@ -61,6 +61,20 @@ def right_aligned(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
     return values, valid
 
 
+#: Pack a cache's holes away once every row holds at least this many after its prompt.
+COMPACT_AT = 8
+
+
+def pack_holes(view: CacheView, mask: torch.Tensor, start: int) -> torch.Tensor:
+    """`mask` after packing the holes that the columns from `start` on hold (``CacheView.pack_tail``), once
+    every row holds at least ``COMPACT_AT`` of them; otherwise `mask` as it is."""
+    tail = mask[:, start:].bool()
+    holes = (~tail).sum(1)
+    if not tail.shape[1] or int(holes.min()) < COMPACT_AT or tail.shape[1] > view.dense_tail():
+        return mask
+    return torch.cat([mask[:, :start], view.pack_tail(tail).to(mask.dtype)], dim=1)
+
+
 def hide_tail(view: CacheView, mask: torch.Tensor, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Undo the last ``drop[b]`` columns of each row: the columns no row keeps are cropped from the cache,
     the rest become holes (zeros of the 2-D mask, which every later forward passes).
@@ -164,6 +178,7 @@ class Draft:
         self.cache = surface.output_cache(out)
         self.view = CacheView(self.cache, surface.num_cache_layers(self.cache))
         self.mask = prompt["attention_mask"]
+        self.prompt_width = self.mask.shape[1]
         self.lead = positions.shape[:-2]  # () for [B, L] positions, (3,) for M-RoPE
         self.next = following(positions)
         self.unfed, self.unfed_valid = pending, torch.ones_like(pending)
@@ -211,6 +226,7 @@ class Draft:
         seen = kept.clamp(max=self.fed_drafts)  # [B] drafted tokens both kept and already in the draft's cache
         drop = self.fed_drafts - seen
         self.mask, _ = hide_tail(self.view, self.mask, drop)
+        self.mask = pack_holes(self.view, self.mask, self.prompt_width)
         self.next = self.next - drop
         rows = [torch.cat([drafted[b, int(seen[b]) : int(kept[b])], emitted[b]]) for b in range(len(kept))]
         self.unfed, self.unfed_valid = right_aligned(rows)
@@ -316,6 +332,7 @@ class HeadDraft(Draft):
         estimates, self.cache = self.model(features, following_embeds, mask, positions)
         self.view = CacheView(self.cache, surface.num_cache_layers(self.cache))
         self.mask = mask
+        self.prompt_width = mask.shape[1]
         self.lead = positions.shape[:-2]
         self.next = following(positions)
         self.last = estimates[:, -1]
@@ -360,3 +377,4 @@ class HeadDraft(Draft):
         features, valid = right_aligned([self.features[b, : n[b]] for b in range(len(n))])
         tokens, _ = right_aligned([torch.cat([drafted[b, : n[b] - 1], emitted[b]]) for b in range(len(n))])
         self.last = self._feed_pairs(features, tokens, valid)
+        self.mask = pack_holes(self.view, self.mask, self.prompt_width)

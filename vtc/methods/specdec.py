@@ -15,7 +15,8 @@ Each round: the draft drafts ``k`` tokens; the target runs one EXTEND forward ov
 last plus the drafts; each row keeps its longest agreeing prefix plus the target's next token. Rows of a
 batch advance at their own pace (``pacing="row"``): the columns no row keeps are cropped from both caches
 (``CacheView.crop``), and a row's other rejected columns become holes, zeros of the 2-D attention mask,
-with explicit per-row positions, so each row sees exactly what its batch-1 run sees. ``pacing="batch"``
+with explicit per-row positions, so each row sees exactly what its batch-1 run sees; once every row
+holds a few holes they are packed away (``CacheView.pack_tail``). ``pacing="batch"``
 advances every row by the smallest kept prefix (lock-step). Rows stop at their own EOS.
 """
 
@@ -34,7 +35,7 @@ from vtc.config import MethodConfig, check_int
 from vtc.engine.cache import CacheView
 from vtc.errors import MethodConflictError
 from vtc.method import HookPoint, Method, register_method
-from vtc.methods.drafts import continuing, following, hide_tail, make_draft
+from vtc.methods.drafts import continuing, following, hide_tail, make_draft, pack_holes
 from vtc.methods.speculative import accept_greedy, accept_sampling, warp
 from vtc.state import SpeculativeStats
 
@@ -225,6 +226,7 @@ class Loop:
             kept = torch.where(done, kept[~done].max(), kept)  # finished rows leave no holes of their own
             # Row b keeps pending and kept[b] drafts; its other k - kept[b] columns are undone.
             mask, _ = hide_tail(view, mask, k - kept)
+            mask = pack_holes(view, mask, width)
             next_pos = next_pos + kept + 1
             pending = tokens.gather(1, kept[:, None])  # [B, 1] each row's token after its kept drafts
             self.draft.commit(kept, drafted, pending, k)
