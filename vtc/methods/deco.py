@@ -11,7 +11,8 @@ each candidate layer, and an output hook replaces the logits before generate's l
 them. Greedy, sampling and beam search therefore all decode the mixed logits, for any batch size (each
 row on its own). A prefill is corrected at its last position (the one generate decodes); a forward over
 new tokens after a cache (a decode step, or the k + 1 tokens speculative decoding verifies in one EXTEND
-forward) at every position, each from its own early-layer states, which are what a decode step at that
+forward) at every position whose logits it returns (stock generate asks for the last one only, with
+``logits_to_keep=1``), each from its own early-layer states, which are what a decode step at that
 position computes: so ``["deco", "specdec"]`` decodes exactly what DeCo alone decodes.
 """
 
