@@ -86,13 +86,13 @@ def resident_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}; peak memory needs Linux.")
 
 
-def child(spec: str, frames: int, layers: int) -> dict:
-    """One prefill in this process; returns its row."""
+def child(spec: str, frames: int, layers: int, threads: int) -> dict:
+    """One prefill in this process, on `threads` torch threads; returns its row."""
     import vtc
     from vtc import surface
     from vtc.measure import kv_cache_bytes
 
-    torch.set_num_threads(int(os.environ.get("VTC_BENCH_THREADS", "2")))
+    torch.set_num_threads(threads)
     model = onevision_like(layers)
     inputs = video_input(frames)
     handle = None if spec == "dense" else vtc.wrap(model, spec)
@@ -124,8 +124,8 @@ def child(spec: str, frames: int, layers: int) -> dict:
     return row
 
 
-def run_child(spec: str, frames: int, layers: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", spec, str(frames), "--layers", str(layers)]
+def run_child(spec: str, frames: int, layers: int, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", spec, str(frames), "--layers", str(layers), "--threads", str(threads)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
@@ -139,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", default=",".join(map(str, FRAMES)), help="frame counts, comma-separated")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (OneVision-0.5B has 24)")
     parser.add_argument("--out", default=str(HERE / "results" / "video.csv"), help="CSV the rows are added to")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of each measured process")
     parser.add_argument("--child", nargs=2, metavar=("SPEC", "FRAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.layers)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.layers, args.threads)))
         return 0
 
     from vtc.bench import format_rows
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     for frames in (int(f) for f in args.frames.split(",")):
         dense = None
         for spec in specs:
-            row = run_child(spec, frames, args.layers)
+            row = run_child(spec, frames, args.layers, args.threads)
             dense = dense or row
             row["kv_vs_dense"] = row["kv_mb"] / dense["kv_mb"]
             rows.append(row)
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     print(format_rows(rows, columns))
     command = "python benchmarks/bench_video.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    append_rows(Path(args.out), rows, {**environment(), "command": command.strip()})
+    meta = {**environment(), "threads": str(args.threads), "command": command.strip()}  # the children's threads
+    append_rows(Path(args.out), rows, meta)
     return 0
 
 
