@@ -17,6 +17,7 @@ Drafts:
     python benchmarks/bench_specdec.py                 # 16 questions, k = 2..6, every draft
     python benchmarks/bench_specdec.py --rows 4 --ks 2,4 --drafts layers2
     python benchmarks/bench_specdec.py --drafts head   # the trained head alone
+    python benchmarks/bench_specdec.py --drafts head --ks 4 --batch-size 4 --pacing row,batch  # per-row pacing
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drafts", default="head,layers2,text,copy+dart")
     p.add_argument("--head", default=None, help="folder of a trained draft head (default: the shipped one)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--pacing", default="row", help="row, batch or both (row,batch): how rows of a batch advance")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "specdec.csv"))
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -104,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         draft = drafts[name]()
         scope = vtc.apply(draft, "dart", keep=14) if name == "copy+dart" else contextlib.nullcontext()
         with scope:
-            for k in ks:
+            for k, pacing in [(k, pacing) for k in ks for pacing in args.pacing.split(",")]:
                 totals = {"tokens": 0, "forwards": 0, "drafted": 0, "accepted": 0, "draft_s": 0.0}
-                with vtc.apply(model, "specdec", draft=draft, k=k) as handle, torch.no_grad():
+                with vtc.apply(model, "specdec", draft=draft, k=k, pacing=pacing) as handle, torch.no_grad():
                     started = time.perf_counter()
                     for batch, want in zip(batches, expected, strict=True):
                         got = model.generate(**batch, **settings)
@@ -121,16 +123,18 @@ def main(argv: list[str] | None = None) -> int:
                     seconds = time.perf_counter() - started
                 results.append(
                     {
-                        "draft": name, "k": k, "tokens_per_forward": totals["tokens"] / totals["forwards"],
+                        "draft": name, "k": k, "pacing": pacing,
+                        "tokens_per_forward": totals["tokens"] / totals["forwards"],
                         "forwards_per_token": totals["forwards"] / totals["tokens"],
                         "acceptance": totals["accepted"] / max(1, totals["drafted"]),
                         "draft_share": totals["draft_s"] / seconds, "speedup": plain / seconds,
                         "plain_s": plain, "specdec_s": seconds,
                     }
                 )  # fmt: skip
-                print(f"{name} k={k} done", file=sys.stderr)
+                print(f"{name} k={k} pacing={pacing} done", file=sys.stderr)
     columns = [
-        ("draft", "draft", "s"), ("k", "k", "d"), ("tokens_per_forward", "tokens / target forward", ".2f"),
+        ("draft", "draft", "s"), ("k", "k", "d"), ("pacing", "pacing", "s"),
+        ("tokens_per_forward", "tokens / target forward", ".2f"),
         ("forwards_per_token", "target forwards / token", ".3f"), ("acceptance", "drafts kept", ".1%"),
         ("draft_share", "time in draft", ".1%"), ("speedup", "wall-clock speedup", ".2f"),
     ]  # fmt: skip

@@ -39,11 +39,16 @@ class Pipeline:
             raise MethodConflictError(
                 f"method {repeated[0]!r} is listed twice; give it once with the settings you want."
             )
-        generators = [m.name for m in self.methods if HookPoint.GENERATE in m.hooks or isinstance(m, Generator)]
-        if len(generators) > 1:
-            raise MethodConflictError(
-                f"{' and '.join(generators)} each replace the decoding loop; only one decoding method can run."
-            )
+        loops = [m for m in self.methods if isinstance(m, Generator)]
+        steps = [m for m in self.methods if HookPoint.GENERATE in m.hooks and not isinstance(m, Generator)]
+        for owners in (loops, steps):
+            if len(owners) > 1:
+                raise MethodConflictError(
+                    f"{' and '.join(m.name for m in owners)} each replace the decoding loop; only one decoding "
+                    f"method can run."
+                )
+        if loops and steps:
+            _check_loop_with_step(loops[0], steps[0])
         for m in self.methods:
             m.check_company([o for o in self.methods if o is not m])
         #: The method that owns the decoding loop (installed as the model's ``generate``), if any.
@@ -210,3 +215,21 @@ class Pipeline:
             )
             replaced = new if new is not None else replaced
         return replaced
+
+
+def _check_loop_with_step(loop: Method, step: Method) -> None:
+    """A Generator beside an output hook that changes each decoding step: allowed when the loop decodes
+    through output hooks (``applies_output_hooks``) and the hook corrects each position on its own."""
+    if getattr(loop, "applies_output_hooks", False) and step.per_position:
+        return
+    if not getattr(loop, "applies_output_hooks", False):
+        raise MethodConflictError(
+            f"{loop.name} replaces the decoding loop and {step.name} changes each step of it; only one decoding "
+            f"method can run."
+        )
+    reason = f" ({step.single_step_reason})" if step.single_step_reason else ""
+    raise MethodConflictError(
+        f"{loop.name} scores several tokens in one forward and can only decode through an output hook that "
+        f"corrects each position on its own; {step.name} cannot be applied that way{reason}. Use {step.name} "
+        f"with stock generate, or {loop.name} without it."
+    )

@@ -69,6 +69,12 @@ class Method:
     #: The media the method acts on. A video-only method (VideoScan) needs a family that takes video
     #: (``Adapter.modalities``) and leaves image inputs as they are.
     media: ClassVar[frozenset[str]] = frozenset({"image", "video"})
+    #: An output hook (``on_output``) that changes decoding corrects every new position of a forward on
+    #: its own, from what that position alone computed (DeCo), so a Generator that scores several tokens in
+    #: one forward (speculative decoding's verify) can decode through it exactly.
+    per_position: ClassVar[bool] = False
+    #: Why a decoding output hook cannot be applied per position (said when a Generator is refused beside it).
+    single_step_reason: ClassVar[str] = ""
 
     def __init__(self, config: MethodConfig) -> None:
         if not isinstance(config, self.config_cls):

@@ -230,10 +230,12 @@ class SpeculativeStats:
     Attributes:
         k: tokens drafted per round (the largest, when adaptive).
         rounds: verify forwards of the target (each one EXTEND forward of up to k + 1 tokens).
-        tokens: new tokens per row (rows advance together; a finished row pads).
-        drafted: draft tokens proposed, summed over rounds.
-        accepted: draft tokens kept, summed over rounds (the same for every row: the batch's minimum).
-        row_accepted: per row, the draft tokens that row alone would have kept, summed over rounds.
+        tokens: new tokens of the longest row (a row that ended earlier pads).
+        drafted: draft tokens proposed per row, summed over rounds.
+        accepted: draft tokens kept per row, summed over rounds, averaged over the rows (with
+            ``pacing="batch"`` every row keeps the batch's smallest number).
+        row_accepted: per row, the draft tokens it kept, summed over rounds. With ``pacing="row"`` each row
+            advances by its own count, which equals its batch-1 run's.
         draft_seconds / target_seconds / total_seconds: wall time in the draft's forwards, the target's
             forwards (prefill included), and the whole call.
     """
@@ -242,7 +244,7 @@ class SpeculativeStats:
     rounds: int = 0
     tokens: int = 0
     drafted: int = 0
-    accepted: int = 0
+    accepted: float = 0
     row_accepted: list[int] = dataclasses.field(default_factory=list)
     draft_seconds: float = 0.0
     target_seconds: float = 0.0

@@ -11,9 +11,11 @@ from conftest import batch_for, tiny
 
 import vtc
 from vtc.adapters import ADAPTERS
+from vtc.engine.cache import CacheView
 from vtc.errors import MethodConflictError
-from vtc.methods import specdec
+from vtc.methods import drafts, specdec
 from vtc.methods.draft_head import DraftHead
+from vtc.methods.drafts import continuing, right_aligned
 from vtc.methods.speculative import accept_greedy, accept_sampling, warp
 
 FAMILIES = ["llava", "qwen2_vl"]
@@ -46,6 +48,8 @@ def draft(family: str, kind: str):
             _DRAFTS[key] = copy.deepcopy(tiny(family))
         elif kind == "head":
             _DRAFTS[key] = head_for(family)
+        elif kind == "pruned_copy":
+            _DRAFTS[key] = pruned_copy(family)
         elif kind == "small_vlm":
             _DRAFTS[key] = ADAPTERS.get(family).tiny_model(seed=1, num_layers=2)
         else:
@@ -74,12 +78,22 @@ def test_greedy_output_is_the_targets_for_every_draft(family, kind):
         assert stats.acceptance_rate == 1.0 and stats.rounds == 2  # 1 from the prefill, 3 + 1, then 2 + 1
 
 
-def test_the_heads_cache_holds_the_verified_sequence_read_in_one_pass(monkeypatch):
+@pytest.mark.parametrize("ragged", [False, True])
+def test_the_heads_cache_holds_the_verified_sequence_read_in_one_pass(monkeypatch, ragged):
     """After a speculative generate, the head's cache and its last estimate are what one pass of the head
     over the whole output gives: the entries it made from its own estimates were cropped, and every
-    verified position was fed with the target's state and the token that followed it."""
+    verified position was fed with the target's state and the token that followed it. `ragged`: the rule
+    is forced to keep all drafts in row 0 and one in row 1 (the output is then no longer greedy, but the
+    head's bookkeeping must still follow it), so rows feed different numbers of verified positions."""
     target = tiny("llava")
     inputs, _ = batch_for(target, "llava", images=[1, 1], batch=2)
+    if ragged:
+
+        def uneven(drafted, logits):
+            _, tokens = accept_greedy(drafted, logits)
+            return torch.tensor([drafted.shape[1], min(1, drafted.shape[1])]), tokens
+
+        monkeypatch.setattr(specdec, "accept_greedy", uneven)
     made = []
 
     def recording(head, bound):
@@ -100,8 +114,12 @@ def test_the_heads_cache_holds_the_verified_sequence_read_in_one_pass(monkeypatc
         following = torch.cat([loop_draft.embeds[:, 1:], target.get_input_embeddings()(out[:, -1:])], dim=1)
         whole, _ = head(loop_draft.features[:, :-1], following[:, :-1], mask[:, :-1], positions[:, :-1])
     loop_draft.close()
-    assert loop_draft.view.columns == out.shape[1] - 1  # one entry per pair (h_t, e_{t+1})
-    torch.testing.assert_close(loop_draft.last, whole[:, -1], atol=1e-5, rtol=1e-4)
+    # One entry per pair (h_t, e_{t+1}); ragged feeds add masked slots, but the pairs it attends to are these.
+    # Ragged, row 0 ends first and is fed filler after (never read); row 1, which ends last, is the check.
+    rows = [1] if ragged else [0, 1]
+    assert loop_draft.mask[rows].sum(1).tolist() == mask[rows, :-1].sum(1).tolist()
+    assert (loop_draft.view.columns > out.shape[1] - 1) == ragged
+    torch.testing.assert_close(loop_draft.last[rows], whole[rows, -1], atol=1e-5, rtol=1e-4)
 
 
 def test_a_head_on_a_pruning_target_or_of_another_shape_is_refused():
@@ -158,6 +176,103 @@ def test_with_dart_on_the_target_it_equals_dart_alone(family):
     out, stats = speculative(target, inputs, ["dart.r64", config], **GREEDY)
     assert torch.equal(out, expected)
     assert stats.rounds >= 2
+
+
+# alpha 3 over the whole vocabulary: DeCo changes the greedy answer on both tiny models (checked below)
+DECO = {"alpha": 3.0, "top_p": 1.0, "top_k": 0}
+
+
+@pytest.mark.parametrize(("family", "kinds"), [("llava", ["small_vlm", "head"]), ("qwen2_vl", ["small_vlm"])])
+def test_with_deco_on_the_target_it_equals_deco_alone(family, kinds):
+    """The verify forward corrects every drafted position, so the rule compares drafts with DeCo's argmax."""
+    target = tiny(family)
+    inputs, _ = batch_for(target, family, images=[1, 1], batch=2)
+    deco = vtc.resolve("deco", **DECO)
+    with torch.no_grad():
+        plain = target.generate(**inputs, **GREEDY)
+        with vtc.apply(target, deco):
+            expected = target.generate(**inputs, **GREEDY)
+    assert not torch.equal(expected, plain)  # DeCo acts here, so equality says something
+    for i, kind in enumerate(kinds):
+        spec = vtc.resolve("specdec", draft=draft(family, kind), k=3)
+        out, stats = speculative(target, inputs, [deco, spec] if i % 2 else [spec, deco], **GREEDY)
+        assert torch.equal(out, expected) and stats.rounds >= 2
+    copy_ = draft(family, "copy")  # a copy decoding with DeCo drafts exactly what the corrected target emits
+    with vtc.apply(copy_, deco):
+        out, stats = speculative(target, inputs, [deco, vtc.resolve("specdec", draft=copy_, k=3)], **GREEDY)
+    assert torch.equal(out, expected) and stats.acceptance_rate == 1.0
+
+
+def test_with_deco_sampling_draws_from_the_corrected_distribution():
+    """Sampling with one candidate per step must reproduce DeCo's greedy answer, not the plain target's."""
+    target = tiny("qwen2_vl")
+    inputs, _ = batch_for(target, "qwen2_vl", images=[1, 1], batch=2)
+    deco = vtc.resolve("deco", **DECO)
+    with vtc.apply(target, deco), torch.no_grad():
+        expected = target.generate(**inputs, **GREEDY)
+    settings = {**GREEDY, "do_sample": True, "top_k": 1}
+    out, _ = speculative(target, inputs, [deco, vtc.resolve("specdec", draft=draft("qwen2_vl", "text_lm"), k=3)],
+                         **settings)  # fmt: skip
+    assert torch.equal(out, expected)
+
+
+def pruned_copy(family: str):
+    """A copy of the target that drafts through DART at layer 1: on these prompts its rows keep different
+    numbers of drafts (checked below), so per-row pacing has something to gain."""
+    return copy.deepcopy(tiny(family))
+
+
+@pytest.mark.parametrize(("family", "batch"), [("llava", 3), ("qwen2_vl", 2), ("qwen2_vl", 3)])
+def test_rows_advance_at_their_own_pace_and_each_equals_its_batch_1_run(family, batch):
+    target = tiny(family)
+    inputs, samples = batch_for(target, family, images=[1] * batch, batch=batch)
+    settings = {**GREEDY, "max_new_tokens": 12, "min_new_tokens": 12}
+    small = draft(family, "pruned_copy")
+    with vtc.apply(small, "dart.r64", layer=1):
+        runs = {
+            pacing: speculative(target, inputs, vtc.resolve("specdec", draft=small, k=4, pacing=pacing), **settings)
+            for pacing in ("row", "batch")
+        }
+        spec = vtc.resolve("specdec", draft=small, k=4)
+        alone = [speculative(target, ADAPTERS.get(family).collate(target, [x]), spec, **settings) for x in samples]
+    (out, stats), (lock_out, lock) = runs["row"], runs["batch"]
+    assert len(set(stats.row_accepted)) > 1  # the rows kept different numbers of drafts
+    assert lock.row_accepted == [min(lock.row_accepted)] * batch  # lock-step: every row the smallest
+    for row, (single, single_stats) in enumerate(alone):
+        assert torch.equal(out[row, -12:], single[0, -12:])
+        assert stats.row_accepted[row] == single_stats.row_accepted[0]  # each row kept what it keeps alone
+    assert torch.equal(out, lock_out)
+    assert stats.rounds == max(s.rounds for _, s in alone)  # the batch takes as long as its slowest row
+    assert stats.rounds <= lock.rounds
+    if family == "qwen2_vl":  # here the rows are slow at different times: lock-step costs a forward
+        assert stats.rounds < lock.rounds and stats.tokens_per_target_forward > lock.tokens_per_target_forward
+
+
+def test_packing_the_holes_away_keeps_every_row_exact(monkeypatch):
+    """Packed after every round (COMPACT_AT 1): the caches drop the columns every row has a hole in, and
+    the output and each row's kept drafts stay those of the unpacked run (which match stock greedy)."""
+    target = tiny("qwen2_vl")
+    inputs, _ = batch_for(target, "qwen2_vl", images=[1] * 3, batch=3)
+    settings = {**GREEDY, "max_new_tokens": 12, "min_new_tokens": 12}
+    with torch.no_grad():
+        expected = target.generate(**inputs, **settings)
+    packed = []
+    pack_tail = CacheView.pack_tail
+
+    def counting(view, valid):
+        out = pack_tail(view, valid)
+        packed.append(valid.shape[1] - out.shape[1])
+        return out
+
+    small = draft("qwen2_vl", "pruned_copy")
+    spec = vtc.resolve("specdec", draft=small, k=4)
+    with vtc.apply(small, "dart.r64", layer=1):
+        _, plain = speculative(target, inputs, spec, **settings)
+        monkeypatch.setattr(drafts, "COMPACT_AT", 1)
+        monkeypatch.setattr(CacheView, "pack_tail", counting)
+        out, stats = speculative(target, inputs, spec, **settings)
+    assert torch.equal(out, expected) and stats.row_accepted == plain.row_accepted
+    assert len(packed) >= 3 and sum(packed) > 0
 
 
 @pytest.mark.parametrize("family", ["llava"])  # Qwen's pruned draft: the same code path (its own session)
@@ -226,6 +341,15 @@ def test_speculative_sampling_draws_from_the_target_distribution():
     assert bool((kept <= k).all()) and bool((kept == 0).any()) and bool((kept == k).any())
 
 
+def test_ragged_feeds_are_right_aligned_and_number_only_real_tokens():
+    """A draft fed 2 tokens in one row and 1 in another: the short row's slot is masked, and its real token
+    takes the row's next position (the position it has in that row's batch-1 run)."""
+    tokens, valid = right_aligned([torch.tensor([11, 12]), torch.tensor([21])])
+    assert tokens.tolist() == [[11, 12], [0, 21]] and valid.tolist() == [[1, 1], [0, 1]]
+    assert continuing(torch.tensor([5, 7]), 2, (), valid).tolist() == [[5, 6], [7, 7]]
+    assert continuing(torch.tensor([5, 7]), 2, (3,), valid).shape == (3, 2, 2)  # M-RoPE: every row alike
+
+
 def test_greedy_rule_keeps_the_agreeing_prefix():
     logits = torch.full((2, 4, 6), -1.0)
     for row, best in enumerate([[3, 4, 5, 1], [3, 0, 5, 2]]):
@@ -260,9 +384,21 @@ def test_drafts_the_target_cannot_verify_are_refused_at_wrap():
         vtc.wrap(target, "specdec")
     with pytest.raises(ValueError, match="k must be"):
         vtc.wrap(target, "specdec", draft=text_lm(), k=0)
-    with pytest.raises(MethodConflictError, match="decoding"):
-        vtc.wrap(target, [vtc.resolve("specdec", draft=text_lm()), "deco"])
+    with pytest.raises(ValueError, match="pacing is 'row'"):
+        vtc.wrap(target, "specdec", draft=text_lm(), pacing="rows")
     assert "generate" not in target.__dict__  # nothing was left behind
+
+
+def test_a_second_loop_or_a_step_it_cannot_apply_per_position_is_refused_at_wrap():
+    target = tiny("qwen2_vl")
+    spec = vtc.resolve("specdec", draft=text_lm())
+    with pytest.raises(MethodConflictError, match=r"specdec and videoscan each replace the decoding loop"):
+        vtc.wrap(target, [spec, "videoscan"])
+    with pytest.raises(MethodConflictError, match="listed twice"):
+        vtc.wrap(target, [spec, vtc.resolve("specdec", draft=text_lm(seed=4))])
+    with pytest.raises(MethodConflictError, match=r"dropout_decoding cannot.*ensemble.*with stock generate"):
+        vtc.wrap(target, ["dropout_decoding", spec])
+    assert "generate" not in target.__dict__
 
 
 def test_beam_search_is_refused_by_name():

@@ -308,6 +308,40 @@ class CacheView:
         """Bytes the cache holds for keys and values (``kv_nbytes``)."""
         return kv_nbytes(self.cache)
 
+    # -- holes ---------------------------------------------------------------------------------------------
+    def pack_tail(self, valid: torch.Tensor) -> torch.Tensor:
+        """Squeeze the holes out of the last ``valid.shape[1]`` columns (all in the dense tail).
+
+        A batch whose rows advance at their own pace leaves masked columns (holes) at different places in
+        different rows. Each row's valid entries among those columns move to the right end in their order
+        (keys keep their rotary positions, so attention under the new mask is unchanged), and the columns
+        then empty in every row are dropped from every layer.
+
+        Args:
+            valid: ``[B, T]`` bool, the caller's mask over the last T columns.
+
+        Returns:
+            ``[B, T']`` the mask over the packed columns (T' = the most valid entries of any row).
+        """
+        tail = valid.shape[1]
+        if tail > self.dense_tail():
+            raise ValueError(
+                f"only the {self.dense_tail()} columns after the last pruned forward can be packed; got {tail}."
+            )
+        count = valid.sum(1)  # [B]
+        width = int(count.max()) if tail else 0
+        order = torch.sort(valid.long(), dim=1, stable=True).indices[:, tail - width :]  # [B, width] holes first
+        for j in range(self.num_layers):
+            keys, values = surface.layer_kv(self.cache, j)
+            base = keys.shape[2] - tail
+            index = (base + order)[:, None, :, None]  # [B, 1, width, 1]
+            keys = torch.cat([keys[:, :, :base], keys.gather(2, index.expand(-1, keys.shape[1], -1, keys.shape[3]))], 2)
+            values = torch.cat(
+                [values[:, :, :base], values.gather(2, index.expand(-1, values.shape[1], -1, values.shape[3]))], 2
+            )
+            surface.set_layer_kv(self.cache, j, keys, values)
+        return torch.arange(width, device=valid.device)[None, :] >= width - count[:, None]
+
     # -- crop --------------------------------------------------------------------------------------------
     def crop(self, columns: int) -> None:
         """Keep the first `columns` tokens fed (e.g. undo a rejected speculative step) in every layer."""

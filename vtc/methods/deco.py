@@ -6,10 +6,14 @@ candidate set from the final distribution, picks the preceding layer (in a confi
 most confident about one of those candidates, and adds that layer's logits, scaled by its confidence,
 to the final logits.
 
-vtc runs it through stock ``generate``: a reader stashes the last position's hidden state entering the
-layers after each candidate layer, and an output hook replaces the last-position logits before
-generate's logits processors see them. Greedy, sampling and beam search therefore all decode the mixed
-logits, for any batch size (each row on its own).
+vtc runs it through stock ``generate``: a reader stashes the hidden states entering the layers after
+each candidate layer, and an output hook replaces the logits before generate's logits processors see
+them. Greedy, sampling and beam search therefore all decode the mixed logits, for any batch size (each
+row on its own). A prefill is corrected at its last position (the one generate decodes); a forward over
+new tokens after a cache (a decode step, or the k + 1 tokens speculative decoding verifies in one EXTEND
+forward) at every position whose logits it returns (stock generate asks for the last one only, with
+``logits_to_keep=1``), each from its own early-layer states, which are what a decode step at that
+position computes: so ``["deco", "specdec"]`` decodes exactly what DeCo alone decodes.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class DeCo(Method):
     hooks = frozenset({HookPoint.GENERATE, HookPoint.LAYER})
     requires = frozenset({"final_norm"})
     prunes = False
+    per_position = True  # each position's correction reads only that position's own states
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
         "noop": {"alpha": 0.0, "top_p": 1.0, "top_k": 0},
@@ -103,21 +108,24 @@ class DeCo(Method):
         self._last = {}
 
     def on_layer_input(self, ctx: LayerContext) -> None:
-        # The last slot is the last token even after compaction (vtc pads on the left).
-        self._last[ctx.layer_idx - 1] = ctx.hidden[:, -1]  # [B, d]
+        # A prefill (ctx.state set) is decoded at its last position only; the last slot is the last token
+        # even after compaction (vtc pads on the left). Any later forward: every new position.
+        self._last[ctx.layer_idx - 1] = ctx.hidden[:, -1:] if ctx.state is not None else ctx.hidden  # [B, n, d]
 
     def on_output(self, step: StepContext) -> Any | None:
         c = self.config
         if c.alpha == 0 and not c.restricts:
             return None
         out = step.output
-        final = out.logits[:, -1]  # [B, V]
-        hidden = torch.stack([self._last[j] for j in self.candidate_layers], dim=1)  # [B, J, d]
+        n = min(out.logits.shape[1], self._last[self.candidate_layers[0]].shape[1])  # positions to correct
+        batch, vocab = out.logits.shape[0], out.logits.shape[-1]
+        final = out.logits[:, -n:].reshape(batch * n, vocab)  # [B * n, V]
+        hidden = torch.stack([self._last[j][:, -n:] for j in self.candidate_layers], dim=2)  # [B, n, J, d]
         adapter = step.adapter
-        early = adapter.lm_head(adapter.final_norm(hidden)).float()  # [B, J, V]
-        mixed = mix(final.float(), early, alpha=c.alpha, top_p=c.top_p, top_k=c.top_k)
+        early = adapter.lm_head(adapter.final_norm(hidden)).float()  # [B, n, J, V]
+        mixed = mix(final.float(), early.reshape(batch * n, -1, vocab), alpha=c.alpha, top_p=c.top_p, top_k=c.top_k)
         logits = out.logits.clone()
-        logits[:, -1] = mixed.to(logits.dtype)
+        logits[:, -n:] = mixed.reshape(batch, n, vocab).to(logits.dtype)
         out.logits = logits
         return out
 

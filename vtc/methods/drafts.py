@@ -33,11 +33,64 @@ def following(positions: torch.Tensor) -> torch.Tensor:
     return positions.reshape(-1, *positions.shape[-2:]).amax(dim=(0, 2)) + 1
 
 
-def continuing(start: torch.Tensor, n: int, lead: torch.Size) -> torch.Tensor:
+def continuing(start: torch.Tensor, n: int, lead: torch.Size, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Positions of `n` text tokens from ``start`` ``[B]`` on, in the layout (``lead`` = leading dims,
-    ``()`` or ``(3,)``) of the prompt's positions: text numbers every M-RoPE row alike."""
-    positions = start[:, None] + torch.arange(n, device=start.device)
+    ``()`` or ``(3,)``) of the prompt's positions: text numbers every M-RoPE row alike.
+
+    With `valid` ``[B, n]`` (a ragged feed, real tokens right-aligned), only the real tokens count; a
+    masked slot takes the position of the real token after it (no token attends to it).
+    """
+    if valid is None:
+        positions = start[:, None] + torch.arange(n, device=start.device)
+    else:
+        positions = start[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)
     return positions.expand(*lead, *positions.shape)
+
+
+def right_aligned(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values [B, n, ...], valid [B, n])`` from per-row tensors of different lengths, each placed at the
+    right end (the last column is every row's last real entry); the slots before are zeros, not valid."""
+    width = max(len(r) for r in rows)
+    first = rows[0]
+    values = first.new_zeros(len(rows), width, *first.shape[1:])
+    valid = torch.zeros(len(rows), width, dtype=torch.long, device=first.device)
+    for b, row in enumerate(rows):
+        if len(row):
+            values[b, width - len(row) :] = row
+            valid[b, width - len(row) :] = 1
+    return values, valid
+
+
+#: Pack a cache's holes away once every row holds at least this many after its prompt.
+COMPACT_AT = 8
+
+
+def pack_holes(view: CacheView, mask: torch.Tensor, start: int) -> torch.Tensor:
+    """`mask` after packing the holes that the columns from `start` on hold (``CacheView.pack_tail``), once
+    every row holds at least ``COMPACT_AT`` of them; otherwise `mask` as it is."""
+    tail = mask[:, start:].bool()
+    holes = (~tail).sum(1)
+    if not tail.shape[1] or int(holes.min()) < COMPACT_AT or tail.shape[1] > view.dense_tail():
+        return mask
+    return torch.cat([mask[:, :start], view.pack_tail(tail).to(mask.dtype)], dim=1)
+
+
+def hide_tail(view: CacheView, mask: torch.Tensor, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Undo the last ``drop[b]`` columns of each row: the columns no row keeps are cropped from the cache,
+    the rest become holes (zeros of the 2-D mask, which every later forward passes).
+
+    Returns:
+        ``(mask, cropped)``: the new mask, and the columns cropped (the same for every row).
+    """
+    common = int(drop.min()) if drop.numel() else 0
+    if common:
+        view.crop(view.columns - common)
+        mask = mask[:, :-common]
+    holes = drop - common
+    if bool((holes > 0).any()):
+        columns = torch.arange(mask.shape[1], device=mask.device)
+        mask = mask.masked_fill(columns[None, :] >= mask.shape[1] - holes[:, None], 0)
+    return mask, common
 
 
 def vocabulary_size(model: nn.Module) -> int:
@@ -125,20 +178,22 @@ class Draft:
         self.cache = surface.output_cache(out)
         self.view = CacheView(self.cache, surface.num_cache_layers(self.cache))
         self.mask = prompt["attention_mask"]
+        self.prompt_width = self.mask.shape[1]
         self.lead = positions.shape[:-2]  # () for [B, L] positions, (3,) for M-RoPE
         self.next = following(positions)
-        self.unfed = pending
+        self.unfed, self.unfed_valid = pending, torch.ones_like(pending)
 
-    def _feed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Run `tokens` ``[B, n]`` through the draft; the logits of the last one."""
-        n = tokens.shape[1]
-        positions = continuing(self.next, n, self.lead)
-        self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
+    def _feed(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Run `tokens` ``[B, n]`` through the draft (`valid`: which are real, right-aligned); the logits of
+        the last one."""
+        valid = torch.ones_like(tokens) if valid is None else valid
+        positions = continuing(self.next, tokens.shape[1], self.lead, valid)
+        self.mask = torch.cat([self.mask, valid.to(self.mask.dtype)], dim=1)
         out = self.model(
             input_ids=tokens, attention_mask=self.mask, position_ids=positions,
             **self.extra(tokens), **surface.cache_kwargs(self.model, self.cache),
         )  # fmt: skip
-        self.next = self.next + n
+        self.next = self.next + valid.sum(1)
         return out.logits[:, -1]
 
     @torch.no_grad()
@@ -150,29 +205,31 @@ class Draft:
         if k == 0:
             return self.unfed[:, :0], None
         tokens, probs = [], []
-        feed = self.unfed
+        feed, valid = self.unfed, self.unfed_valid
         for i in range(k):
-            token, prob = choose(self._feed(feed), i)
+            token, prob = choose(self._feed(feed, valid), i)
             tokens.append(token[:, None])
             probs.append(prob)
-            feed = token[:, None]
+            feed, valid = token[:, None], None
         self.fed_drafts = k - 1
-        self.unfed = feed[:, :0]
+        self.unfed, self.unfed_valid = feed[:, :0], self.unfed_valid[:, :0]
         return torch.cat(tokens, dim=1), torch.stack(probs, dim=1)
 
-    def commit(self, kept: int, drafted: torch.Tensor, emitted: torch.Tensor, k: int) -> None:
-        """The target kept ``drafted[:, :kept]`` and then emitted `emitted` ``[B, 1]``: crop the draft's
-        cache to what stays and queue what it has not fed."""
+    def commit(self, kept: torch.Tensor, drafted: torch.Tensor, emitted: torch.Tensor, k: int) -> None:
+        """Row b of the target kept ``drafted[b, :kept[b]]`` and then emitted ``emitted[b]`` (`emitted`
+        ``[B, 1]``): undo the rejected drafts in the draft's cache (cropped where no row keeps them, masked
+        out where some row does) and queue per row what it has not fed."""
         if k == 0:  # nothing was fed this round
             self.unfed = torch.cat([self.unfed, emitted], dim=1)
+            self.unfed_valid = torch.cat([self.unfed_valid, torch.ones_like(emitted)], dim=1)
             return
-        seen = min(kept, self.fed_drafts)  # drafted tokens both kept and already in the draft's cache
+        seen = kept.clamp(max=self.fed_drafts)  # [B] drafted tokens both kept and already in the draft's cache
         drop = self.fed_drafts - seen
-        if drop:
-            self.view.crop(self.view.columns - drop)
-            self.mask = self.mask[:, :-drop]
-            self.next = self.next - drop
-        self.unfed = torch.cat([drafted[:, seen:kept], emitted], dim=1)
+        self.mask, _ = hide_tail(self.view, self.mask, drop)
+        self.mask = pack_holes(self.view, self.mask, self.prompt_width)
+        self.next = self.next - drop
+        rows = [torch.cat([drafted[b, int(seen[b]) : int(kept[b])], emitted[b]]) for b in range(len(kept))]
+        self.unfed, self.unfed_valid = right_aligned(rows)
 
 
 class VisionDraft(Draft):
@@ -213,11 +270,12 @@ class HeadDraft(Draft):
     """A :class:`~vtc.methods.draft_head.DraftHead`: drafts from the target's own hidden states.
 
     Hooks on the target's language model (installed by :meth:`open`, removed by :meth:`close`) keep the
-    input embeddings and the final norm's output of the target's last forward. The head's cache holds
-    one entry per position the target has verified, each made from the target's true hidden state: in a
-    round, the first draft is read from the head's output at the last verified position, the next ones
-    from the head fed its own estimate; after the verify the entries made from estimates are cropped and
-    the verified positions fed again with the target's states (EAGLE's bookkeeping).
+    input embeddings and the last hidden states (after the final norm) of the target's last forward. The
+    head's cache holds one entry per position the target has verified, each made from the target's true
+    hidden state: in a round, the first draft is read from the head's output at the last verified
+    position, the next ones from the head fed its own estimate; after the verify the entries made from
+    estimates are cropped and the verified positions fed again with the target's states (EAGLE's
+    bookkeeping).
     """
 
     def __init__(self, head: DraftHead, target: Any) -> None:
@@ -239,12 +297,14 @@ class HeadDraft(Draft):
         def embedded(module: nn.Module, args: tuple, kwargs: dict) -> None:
             self.embeds = kwargs.get("inputs_embeds")
 
-        def normed(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            self.features = output
+        def normed(module: nn.Module, args: tuple, output: Any) -> None:
+            # The language model's output, not a hook on its final norm: an output hook such as DeCo's runs
+            # the final norm again over early layers' states after the forward.
+            self.features = surface.last_hidden_state(output)
 
         self.hooks = [
             self.target.text_model.register_forward_pre_hook(embedded, with_kwargs=True),
-            self.target.final_norm.register_forward_hook(normed),
+            self.target.text_model.register_forward_hook(normed),
         ]
 
     def close(self) -> None:
@@ -272,18 +332,20 @@ class HeadDraft(Draft):
         estimates, self.cache = self.model(features, following_embeds, mask, positions)
         self.view = CacheView(self.cache, surface.num_cache_layers(self.cache))
         self.mask = mask
+        self.prompt_width = mask.shape[1]
         self.lead = positions.shape[:-2]
         self.next = following(positions)
         self.last = estimates[:, -1]
         self.fed_drafts = 0
 
-    def _feed_pairs(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed pairs (`features` ``[B, n, d]``, embeddings of `tokens` ``[B, n]``); the last estimate ``[B, d]``."""
-        n = tokens.shape[1]
-        positions = continuing(self.next, n, self.lead)
-        self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
+    def _feed_pairs(self, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor | None = None):
+        """Feed pairs (`features` ``[B, n, d]``, embeddings of `tokens` ``[B, n]``; `valid`: which are real,
+        right-aligned); the last estimate ``[B, d]``."""
+        valid = torch.ones_like(tokens) if valid is None else valid
+        positions = continuing(self.next, tokens.shape[1], self.lead, valid)
+        self.mask = torch.cat([self.mask, valid.to(self.mask.dtype)], dim=1)
         estimates, self.cache = self.model(features, self.embedding(tokens), self.mask, positions, self.cache)
-        self.next = self.next + n
+        self.next = self.next + valid.sum(1)
         return estimates[:, -1]
 
     @torch.no_grad()
@@ -302,13 +364,17 @@ class HeadDraft(Draft):
         return torch.cat(tokens, dim=1), torch.stack(probs, dim=1)
 
     @torch.no_grad()
-    def commit(self, kept: int, drafted: torch.Tensor, emitted: torch.Tensor, k: int) -> None:
-        """Drop the entries made from estimates, then feed the verified positions with the target's states:
-        pending and the `kept` drafts, each paired with the token that followed it."""
+    def commit(self, kept: torch.Tensor, drafted: torch.Tensor, emitted: torch.Tensor, k: int) -> None:
+        """Drop the entries made from estimates (every row fed the same number), then feed each row's
+        verified positions with the target's states: pending and its ``kept[b]`` drafts, each paired with
+        the token that followed it (rows of different lengths right-aligned, the slots before masked)."""
         if self.fed_drafts:
             self.view.crop(self.view.columns - self.fed_drafts)
             self.mask = self.mask[:, : -self.fed_drafts]
             self.next = self.next - self.fed_drafts
             self.fed_drafts = 0
-        verified = self.features[:, : kept + 1]  # the verify forward's states at pending, d_1 .. d_kept
-        self.last = self._feed_pairs(verified, torch.cat([drafted[:, :kept], emitted], dim=1))
+        n = [int(x) + 1 for x in kept]  # the verify forward's states at pending, d_1 .. d_kept
+        features, valid = right_aligned([self.features[b, : n[b]] for b in range(len(n))])
+        tokens, _ = right_aligned([torch.cat([drafted[b, : n[b] - 1], emitted[b]]) for b in range(len(n))])
+        self.last = self._feed_pairs(features, tokens, valid)
+        self.mask = pack_holes(self.view, self.mask, self.prompt_width)

@@ -93,6 +93,11 @@ class DropoutDecoding(Method):
     hooks = frozenset({HookPoint.GENERATE})
     requires = frozenset({"final_norm"})
     prunes = False
+    single_step_reason = (
+        "each step it votes over an ensemble of extra single-token forwards on copies of the cache and keeps the "
+        "winning member's keys and values; a verify forward scores k + 1 positions at once, so every member would "
+        "have to re-run the whole chunk and the cache follow a different winner at each position"
+    )
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
         "noop": {"member_probs": (0.0,), "q_min": 0.0},  # one member, nothing dropped: vanilla
