@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ from vtc.eval import shapesqa
 from vtc.progress import eta
 from vtc.reference import evaluate
 from vtc.reference.model import IMAGE_TOKEN, build_model, build_processor, prompt
+from vtc.reference.runlog import RunLog
 from vtc.reference.targets import answer_labels, attention_targets, early_targets, patch_targets, relay_targets
 
 
@@ -145,17 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "train_log.txt", "w")  # noqa: SIM115  (closed at the end of main)
-
-    def say(line: str) -> None:
-        if not args.quiet:
-            print(line, flush=True)
-        log.write(line + "\n")
-        log.flush()
-
-    say(f"command: python -m vtc.reference.train {' '.join(argv if argv is not None else sys.argv[1:])}")
-    say(f"torch {torch.__version__}, python {platform.python_version()}, threads {args.threads}")
+    say = RunLog(out, "vtc.reference.train", argv, quiet=args.quiet, threads=args.threads)
     processor = build_processor()
     # The attention loss needs attention weights, which only the eager implementation returns.
     attn = "eager" if args.attend_weight > 0 else "sdpa"
@@ -321,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     processor.save_pretrained(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     say(f"wrote {out} in {time.perf_counter() - started:.0f} s")
-    log.close()
+    say.close()
     return 0
 
 

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +42,7 @@ from vtc.methods.draft_head import DraftHead
 from vtc.progress import eta
 from vtc.reference import evaluate
 from vtc.reference import model as reference
+from vtc.reference.runlog import RunLog
 
 HEAD_WEIGHTS = Path(__file__).parent / "draft_head"
 STREAM = 300_000_000  # the head's scenes: apart from the reference model's (below 10^8 and at 9 x 10^7)
@@ -197,18 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "train_log.txt", "w")  # noqa: SIM115  (closed at the end of main)
-
-    def say(line: str) -> None:
-        if not args.quiet:
-            print(line, flush=True)
-        log.write(line + "\n")
-        log.flush()
-
-    command = "python -m vtc.reference.train_draft_head " + " ".join(sys.argv[1:] if argv is None else argv)
-    say(f"command: {command.strip()}")
-    say(f"torch {torch.__version__}, {args.threads} thread(s), {platform.machine()}")
+    say = RunLog(out, "vtc.reference.train_draft_head", argv, quiet=args.quiet, threads=args.threads)
     model, processor = reference.load(args.model)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -274,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     say("metrics: " + json.dumps(metrics))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     say(f"wrote {out} in {time.perf_counter() - started:.0f} s")
-    log.close()
+    say.close()
     return 0
 
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import torch
 
 from vtc.eval import shapesqa, shapesqa_video
 from vtc.progress import eta
+from vtc.reference.runlog import RunLog
 from vtc.reference.targets import answer_labels
 from vtc.reference.train import answer_loss, learning_rate, tower_loss
 from vtc.reference.video import targets
@@ -161,17 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()  # restored at the end: a caller's (a test's) count is its own
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "train_log.txt", "w")  # noqa: SIM115  (closed at the end of main)
-
-    def say(line: str) -> None:
-        if not args.quiet:
-            print(line, flush=True)
-        log.write(line + "\n")
-        log.flush()
-
-    say(f"command: python -m vtc.reference.video.train {' '.join(argv if argv is not None else sys.argv[1:])}")
-    say(f"torch {torch.__version__}, python {platform.python_version()}, threads {args.threads}")
+    say = RunLog(out, "vtc.reference.video.train", argv, quiet=args.quiet, threads=args.threads)
     tok = build_tokenizer()
     # The attention routes need attention weights, which only the eager implementation returns.
     attn = "eager" if args.attend_weight > 0 else "sdpa"
@@ -323,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     save_processor(tok, out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     say(f"wrote {out} in {time.perf_counter() - started:.0f} s")
-    log.close()
+    say.close()
     torch.set_num_threads(threads)
     return 0
 
