@@ -108,12 +108,27 @@ def build_model(seed: int = 0, attn_implementation: str = "sdpa", **architecture
     """A freshly initialised reference model (what training starts from)."""
     from transformers import LlavaForConditionalGeneration
 
+    return initialised(LlavaForConditionalGeneration, build_config(**architecture), seed, attn_implementation)
+
+
+def initialised(model_class: Any, config: Any, seed: int, attn_implementation: str) -> Any:
+    """`model_class` freshly initialised from `config` under `seed`, generating with the config's pad and EOS ids."""
     torch.manual_seed(seed)
-    config = build_config(**architecture)
-    model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    model = model_class._from_config(config, attn_implementation=attn_implementation)
     model.generation_config.pad_token_id = model.config.pad_token_id
     model.generation_config.eos_token_id = model.config.text_config.eos_token_id
     return model
+
+
+def weights_folder(path: str | Path | None, default: Path, what: str, script: str) -> Path:
+    """`path` (or `default`) as a folder of saved weights; FileNotFoundError naming the training script if not."""
+    path = Path(path) if path is not None else default
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no {what} at {path} (config.json is missing); train one with "
+            f"`python -m {script} --out <dir>` or pass the folder it wrote."
+        )
+    return path
 
 
 def load(
@@ -122,11 +137,6 @@ def load(
     """The trained reference model and its processor, through the standard ``from_pretrained`` API."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    path = Path(path) if path is not None else WEIGHTS
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no reference model at {path} (config.json is missing); train one with "
-            "`python -m vtc.reference.train --out <dir>` or pass the folder it wrote."
-        )
+    path = weights_folder(path, WEIGHTS, "reference model", "vtc.reference.train")
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     return model.eval(), AutoProcessor.from_pretrained(path)

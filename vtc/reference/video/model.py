@@ -172,12 +172,8 @@ def build_model(seed: int = 0, attn_implementation: str = "sdpa", **architecture
     """A freshly initialised video reference model (what training starts from)."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    torch.manual_seed(seed)
     config = build_config(**architecture)
-    model = LlavaOnevisionForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
-    model.generation_config.pad_token_id = model.config.pad_token_id
-    model.generation_config.eos_token_id = model.config.text_config.eos_token_id
-    return model
+    return image_reference.initialised(LlavaOnevisionForConditionalGeneration, config, seed, attn_implementation)
 
 
 def load(
@@ -186,12 +182,7 @@ def load(
     """The trained video reference model and its tokenizer, through the standard ``from_pretrained`` API."""
     from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
-    path = Path(path) if path is not None else WEIGHTS
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no video reference model at {path} (config.json is missing); train one with "
-            "`python -m vtc.reference.video.train --out <dir>` or pass the folder it wrote."
-        )
+    path = image_reference.weights_folder(path, WEIGHTS, "video reference model", "vtc.reference.video.train")
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation
     )
