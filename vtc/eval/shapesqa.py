@@ -327,11 +327,14 @@ def write_split(root: str | Path, split: str = "test", n: int = 500) -> Path:
 
 def read_split(root: str | Path, split: str = "test") -> list[dict]:
     """The rows of a split written by :func:`write_split`."""
+    return read_rows(root, split, "vtc.eval.shapesqa")
+
+
+def read_rows(root: str | Path, split: str, module: str) -> list[dict]:
+    """The rows of ``<root>/<split>.jsonl``, a split that `module`'s ``write_split`` writes."""
     path = Path(root) / f"{split}.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} does not exist; write it with vtc.eval.shapesqa.write_split({str(root)!r}, {split!r})."
-        )
+        raise FileNotFoundError(f"{path} does not exist; write it with {module}.write_split({str(root)!r}, {split!r}).")
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 

@@ -303,13 +303,7 @@ def write_split(root: str | Path, split: str = "test", n: int = 400) -> Path:
 
 def read_split(root: str | Path, split: str = "test") -> list[dict]:
     """The rows of a split written by :func:`write_split`."""
-    path = Path(root) / f"{split}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} does not exist; write it with vtc.eval.shapesqa_video.write_split({str(root)!r}, {split!r})."
-        )
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return shapesqa.read_rows(root, split, "vtc.eval.shapesqa_video")
 
 
 def score(rows: list[dict], predictions: list[str]) -> dict[str, float]:
