@@ -164,3 +164,23 @@ def test_chair() -> None:
     assert c["chair_s"] == pytest.approx(1 / 3)
     assert chair.shape_mentions("a Diamond, crosses") == [(None, "diamond"), (None, "cross")]
     assert chair.chair([], []) == {"chair_i": 0.0, "chair_s": 0.0, "mentions": 0.0}
+
+
+def test_wilson_interval_matches_the_formula_and_stays_in_range() -> None:
+    low, high = S.wilson_interval(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
+    assert S.wilson_interval(0, 10)[0] == 0.0 and S.wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert 0.0 < S.wilson_interval(10, 10)[0] < 1.0  # a perfect score still has an interval
+    with pytest.raises(ValueError, match="0 <= correct <= total"):
+        S.wilson_interval(11, 10)
+
+
+def test_paired_ratio_interval_is_tight_for_equal_answers_and_wide_for_different() -> None:
+    same = [True] * 80 + [False] * 20
+    assert S.paired_ratio_interval(same, same) == (1.0, 1.0)
+    worse = [True] * 60 + [False] * 40
+    low, high = S.paired_ratio_interval(worse, same)
+    assert low < 0.75 < high < 1.0  # 0.6 / 0.8, and the interval excludes parity
+    assert S.paired_ratio_interval(worse, same) == (low, high)  # seeded
+    with pytest.raises(ValueError, match="two equal, non-empty lists"):
+        S.paired_ratio_interval(worse, same[:10])

@@ -11,8 +11,9 @@ import pytest
 from vtc.eval import shapesqa
 
 
-def test_answers_follow_from_the_scene():
-    for row, scene in shapesqa.split_rows("val", 300):
+@pytest.mark.parametrize("geometry", [shapesqa.STANDARD, shapesqa.HARD], ids=lambda v: v.name)
+def test_answers_follow_from_the_scene(geometry):
+    for row, scene in shapesqa.split_rows("val", 300, geometry):
         by_name = {o.name: o for o in scene.objects}
         q, a = row["question"], row["answer"]
         assert row["objects"] == scene.names and len(set(scene.names)) == len(scene.names)
@@ -34,6 +35,22 @@ def test_answers_follow_from_the_scene():
             assert a == ({True: "left", False: "right"} if "left" in q else {True: "above", False: "below"})[delta < 0]
         else:
             assert sorted(shapesqa.mentioned_objects(a)) == sorted(scene.names)
+
+
+def test_hard_scenes_are_larger_and_fuller():
+    """ShapesQA-hard: 192 px (24 x 24 patches of 8 px), 1 to 9 objects, every count asked, same questions."""
+    rows = list(shapesqa.split_rows("test", 500, shapesqa.HARD))
+    assert {scene.size for _, scene in rows} == {192}
+    counts = Counter(int(r["answer"]) for r, _ in rows if r["type"] == "count")
+    assert set(counts) == set(range(1, 10))
+    for _, scene in rows:  # objects never overlap, and lie inside the image
+        for a in scene.objects:
+            assert shapesqa.HARD.min_side <= a.size <= shapesqa.HARD.max_side
+            assert a.size / 2 <= a.x <= 192 - a.size / 2 and a.size / 2 <= a.y <= 192 - a.size / 2
+    assert [r["question"] for r, _ in rows[:50]] != [r["question"] for r, _ in shapesqa.split_rows("test", 50)]
+    assert shapesqa.variant("shapesqa_hard") is shapesqa.HARD
+    with pytest.raises(ValueError, match="unknown ShapesQA variant 'huge'; the variants are shapesqa, shapesqa_hard"):
+        shapesqa.variant("huge")
 
 
 def test_pope_negatives_follow_their_subset():

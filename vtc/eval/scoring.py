@@ -212,3 +212,38 @@ def mvbench_match(prediction: str, letter: str) -> float:
 def mean(values: Iterable[float]) -> float:
     vals = list(values)
     return sum(vals) / len(vals) if vals else 0.0
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% at z = 1.96): right at 0% and 100%, unlike the normal
+    approximation, which is what small benchmarks need."""
+    if total <= 0 or not 0 <= correct <= total:
+        raise ValueError(f"wilson_interval needs 0 <= correct <= total and total > 0; got {correct} of {total}.")
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * (p * (1 - p) / total + z * z / (4 * total * total)) ** 0.5 / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_ratio_interval(
+    right: Sequence[bool], base: Sequence[bool], *, resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """A percentile-bootstrap interval of ``mean(right) / mean(base)`` over the same questions.
+
+    The questions are resampled together (paired), so the interval reflects how two methods differ on the
+    same questions, not the spread of either alone; seeded, so a table reproduces.
+    """
+    import random
+
+    if len(right) != len(base) or not right:
+        raise ValueError(f"paired_ratio_interval needs two equal, non-empty lists; got {len(right)} and {len(base)}.")
+    rng = random.Random(seed)
+    n, ratios = len(right), []
+    for _ in range(resamples):
+        picks = [rng.randrange(n) for _ in range(n)]
+        b = sum(base[i] for i in picks)
+        ratios.append(sum(right[i] for i in picks) / b if b else float("inf"))
+    ratios.sort()
+    low = ratios[int((1 - level) / 2 * resamples)]
+    high = ratios[min(resamples - 1, int((1 + level) / 2 * resamples))]
+    return low, high

@@ -58,6 +58,37 @@ TRAIN_SEEDS = 1_000_000_000
 
 
 @dataclasses.dataclass(frozen=True)
+class Variant:
+    """A geometry of the benchmark: image side, how many objects a scene holds and how large they are.
+
+    Questions, answers and scoring are the same in every variant; only the scenes differ.
+    """
+
+    name: str
+    size: int  # image side, pixels
+    max_objects: int  # scenes hold 1 to this many objects (the count answers)
+    min_side: float  # object bounding-box side, pixels
+    max_side: float
+
+
+#: ShapesQA: 96 px scenes of 1 to 4 objects (a 12 x 12 grid of 8-px patches).
+STANDARD = Variant("shapesqa", IMAGE_SIZE, MAX_OBJECTS, 16, 24)
+#: ShapesQA-hard, at LLaVA-1.5's geometry: 192 px scenes (24 x 24 patches, 576 visual tokens) of 1 to 9 objects,
+#: smaller relative to the image, so that counts run to 9 and relations are asked among many objects.
+HARD = Variant("shapesqa_hard", 2 * IMAGE_SIZE, 9, 14, 22)
+VARIANTS = {v.name: v for v in (STANDARD, HARD)}
+
+
+def variant(name: str | Variant) -> Variant:
+    """The variant called `name` (a Variant passes through); ValueError naming the variants otherwise."""
+    if isinstance(name, Variant):
+        return name
+    if name not in VARIANTS:
+        raise ValueError(f"unknown ShapesQA variant {name!r}; the variants are {', '.join(VARIANTS)}.")
+    return VARIANTS[name]
+
+
+@dataclasses.dataclass(frozen=True)
 class Shape:
     color: str
     shape: str
@@ -104,9 +135,10 @@ def popular_order() -> list[str]:
 _POPULAR = popular_order()
 
 
-def sample_scene(rng: random.Random, size: int = IMAGE_SIZE) -> Scene:
-    """A scene of 1 to MAX_OBJECTS distinct objects that do not overlap."""
-    n = rng.randint(1, MAX_OBJECTS)
+def sample_scene(rng: random.Random, geometry: Variant = STANDARD) -> Scene:
+    """A scene of 1 to ``geometry.max_objects`` distinct objects that do not overlap."""
+    size = geometry.size
+    n = rng.randint(1, geometry.max_objects)
     names: list[tuple[str, str]] = []
     while len(names) < n:
         pair = (rng.choices(list(COLORS), COLOR_PRIOR)[0], rng.choices(SHAPES, SHAPE_PRIOR)[0])
@@ -114,8 +146,8 @@ def sample_scene(rng: random.Random, size: int = IMAGE_SIZE) -> Scene:
             names.append(pair)
     objects: list[Shape] = []
     for color, shape in names:
-        for _ in range(200):  # rejection sampling; 4 objects of <= 24 px always fit in 96 px
-            s = rng.uniform(16, 24)
+        for _ in range(200):  # rejection sampling; both variants' objects always fit (2 % of the area each)
+            s = rng.uniform(geometry.min_side, geometry.max_side)
             x, y = rng.uniform(s / 2 + 2, size - s / 2 - 2), rng.uniform(s / 2 + 2, size - s / 2 - 2)
             if all(max(abs(x - o.x), abs(y - o.y)) > (s + o.size) / 2 + 3 for o in objects):
                 objects.append(Shape(color, shape, x, y, s))
@@ -256,18 +288,18 @@ def make_example(
     raise ValueError(f"unknown ShapesQA question type {kind!r}; the types are {', '.join(TYPES)}.")
 
 
-def sample_example(seed: int, kind: str | None = None) -> tuple[Scene, Example]:
+def sample_example(seed: int, kind: str | None = None, geometry: Variant = STANDARD) -> tuple[Scene, Example]:
     """One scene and one question, both determined by ``seed`` (the training stream)."""
     rng = random.Random(seed)
     while True:
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, geometry)
         t = kind or rng.choice(TYPES)
         ex = make_example(scene, rng, t, positive=rng.random() < 0.5, subset=rng.choice(POPE_SUBSETS))
         if ex is not None:
             return scene, ex
 
 
-def sample_conversation(seed: int) -> tuple[Scene, list[Example]]:
+def sample_conversation(seed: int, geometry: Variant = STANDARD) -> tuple[Scene, list[Example]]:
     """One scene and every kind of question about it, in a seeded order (the multi-turn training stream).
 
     Two existence questions, one true and one false (a contrastive pair on the same image, so that the
@@ -276,7 +308,7 @@ def sample_conversation(seed: int) -> tuple[Scene, list[Example]]:
     copied from it).
     """
     rng = random.Random(seed)
-    scene = sample_scene(rng)
+    scene = sample_scene(rng, geometry)
     kinds = [("exist", True), ("exist", False), ("color", True), ("count", True), ("position", True)]
     kinds += [("position", True)]
     examples = [make_example(scene, rng, k, positive=pos, subset=rng.choice(POPE_SUBSETS)) for k, pos in kinds]
@@ -285,8 +317,11 @@ def sample_conversation(seed: int) -> tuple[Scene, list[Example]]:
     return scene, [*examples, make_example(scene, rng, "describe")]
 
 
-def split_rows(split: str, n: int) -> Iterator[tuple[dict, Scene]]:
-    """The rows of a held-out split: types in turn, POPE subsets in turn, yes and no balanced in each."""
+def split_rows(split: str, n: int, geometry: Variant = STANDARD) -> Iterator[tuple[dict, Scene]]:
+    """The rows of a held-out split: types in turn, POPE subsets in turn, yes and no balanced in each.
+
+    A variant's splits draw from the same seeds as ShapesQA's; its scenes differ because its geometry does.
+    """
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown ShapesQA split {split!r}; the held-out splits are {', '.join(SPLIT_SEEDS)}.")
     rng = random.Random(SPLIT_SEEDS[split])
@@ -296,7 +331,7 @@ def split_rows(split: str, n: int) -> Iterator[tuple[dict, Scene]]:
         k = i // len(TYPES)  # how many of this type came before
         subset = POPE_SUBSETS[k % 3]
         positive = (k // 3) % 2 == 0
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, geometry)
         ex = make_example(scene, rng, kind, positive=positive, subset=subset)
         if ex is None:
             continue  # another scene for the same slot
@@ -313,13 +348,13 @@ def split_rows(split: str, n: int) -> Iterator[tuple[dict, Scene]]:
         i += 1
 
 
-def write_split(root: str | Path, split: str = "test", n: int = 500) -> Path:
-    """Write ``n`` rows of a held-out split under ``root``; returns the JSONL path."""
+def write_split(root: str | Path, split: str = "test", n: int = 500, geometry: str | Variant = STANDARD) -> Path:
+    """Write ``n`` rows of a held-out split (of `geometry`, ShapesQA by default) under ``root``; the JSONL path."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     path = root / f"{split}.jsonl"
     with open(path, "w") as f:
-        for row, scene in split_rows(split, n):
+        for row, scene in split_rows(split, n, variant(geometry)):
             render(scene).save(root / row["image"])
             f.write(json.dumps(row) + "\n")
     return path
