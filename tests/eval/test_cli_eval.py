@@ -91,3 +91,14 @@ def test_kept_patches_plot(tmp_path) -> None:
     assert 0 < len(kept) < 256 and max(kept) < 256  # patch indices of the 16 x 16 grid
     path = plot_kept_patches(image(0), kept, (16, 16), tmp_path / "kept.png")
     assert path.exists()
+
+
+def test_reference_hard_names_the_shapesqa_hard_model_and_task() -> None:
+    from vtc.eval.models import model_label, model_source
+    from vtc.eval.tasks import get_task
+    from vtc.reference.model import HARD_WEIGHTS, WEIGHTS
+
+    assert model_source("reference-hard") == str(HARD_WEIGHTS) != str(WEIGHTS)
+    assert model_label(HARD_WEIGHTS) == model_label("reference-hard") == "reference-hard"
+    assert model_label(WEIGHTS) == "reference"
+    assert get_task("shapesqa_hard").primary == get_task("shapesqa").primary == "accuracy"

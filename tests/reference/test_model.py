@@ -13,8 +13,9 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from vtc.eval import shapesqa
 from vtc.reference import evaluate
 from vtc.reference import model as reference
-from vtc.reference.targets import coverage, named_objects
-from vtc.reference.train import answer_loss, tower_loss, training_batch
+from vtc.reference.taps import AttentionTaps
+from vtc.reference.targets import coverage, named_objects, reply_positions
+from vtc.reference.train import Looks, answer_loss, tower_loss, training_batch, warm_start
 from vtc.reference.train import main as train_main
 
 
@@ -179,6 +180,67 @@ def test_relays_link_the_two_names_and_the_reply_to_the_last_name():
             first, second = (w for w in ex.question.split() if w in shapesqa.SHAPES)
             assert (words(i, t), words(i, f)) == (first, second) and t < f
     assert len(links) >= 2
+
+
+def test_filter_targets_point_each_reply_at_its_questions_objects():
+    processor = reference.build_processor()
+    batch = training_batch(processor, step=2, batch=4, seed=0, patch=reference.PATCH, turns=7)
+    tok = processor.tokenizer
+    index, patches = batch["filter_index"], batch["filter_patches"]
+    for i in range(4):
+        scene, examples = shapesqa.sample_conversation(2 * 4 + i)
+        cover = coverage(scene, reference.PATCH) >= 0.25
+        mine = [k for k, (r, _) in enumerate(index.tolist()) if r == i]
+        assert [int(index[k, 1]) for k in mine] == reply_positions(batch["input_ids"][i].tolist(), tok)
+        for k, ex in zip(mine, examples, strict=True):
+            named = {obj for _, obj in named_objects(scene, ex.question)}
+            want = cover[sorted(named)].any(0) if named and ex.type != "describe" else cover.any(0)
+            assert torch.equal(patches[k], want), ex  # the named objects, or every object (counts, absences)
+
+
+def test_taps_read_the_rows_eager_attention_returns():
+    """The sdpa implementation with taps gives the losses the attention rows eager returns, and the same logits."""
+    processor = reference.build_processor()
+    inputs = training_batch(processor, step=0, batch=3, seed=0, patch=reference.PATCH, turns=7)
+    model_in = {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    relays = ((inputs["links"], 2), (inputs["replies"], 3))
+    read = {}
+    for mode in ("eager", "taps"):
+        model = reference.build_model(0, "eager" if mode == "eager" else "sdpa")
+        taps = None
+        if mode == "taps":
+            taps = AttentionTaps()
+            taps.install(model.config.text_config)
+        looks = Looks(taps, inputs["attend_index"], relays, inputs["filter_index"], 1, 1, 4)
+        with torch.no_grad():
+            output = model(**model_in, output_attentions=mode == "eager")
+        looks.read(output)
+        read[mode] = looks, output.logits[inputs["attention_mask"].bool()]
+    (eager, eager_logits), (tapped, tapped_logits) = read["eager"], read["taps"]
+    assert tapped.found.shape == (len(inputs["attend_index"]), inputs["input_ids"].shape[1])
+    torch.testing.assert_close(tapped.found, eager.found)
+    torch.testing.assert_close(tapped.filtered, eager.filtered)
+    assert len(tapped.relayed) == len(eager.relayed) == 2
+    for a, b in zip(tapped.relayed, eager.relayed, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(tapped_logits, eager_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_warm_start_resizes_the_towers_positions_and_keeps_everything_else(tmp_path):
+    small = reference.build_model(seed=1)
+    small.save_pretrained(tmp_path)
+    reference.build_processor().save_pretrained(tmp_path)
+    large = reference.build_model(seed=2, image_size=2 * reference.IMAGE_SIZE)
+    assert large.config.image_seq_length == 576
+    assert "12x12 -> 24x24" in warm_start(large, tmp_path)
+    a, b = small.state_dict(), large.state_dict()
+    name = next(k for k in a if k.endswith("position_embedding.weight"))
+    assert a[name].shape == (145, 128) and b[name].shape == (577, 128)
+    torch.testing.assert_close(b[name][0], a[name][0])  # the class position
+    grid = b[name][1:].reshape(24, 24, -1)
+    assert grid[0, 0].sub(a[name][1]).abs().max() < grid[0, 0].sub(a[name][144]).abs().max()  # corners stay put
+    assert all(torch.equal(a[k], b[k]) for k in a if k != name and "position_ids" not in k)
+    assert reference.variant_of(large) is shapesqa.HARD and reference.variant_of(small) is shapesqa.STANDARD
 
 
 def test_tower_loss_scores_shapes_on_objects_only():

@@ -1,7 +1,8 @@
 """Loading the model an evaluation runs on: a hub name, a local folder, or ``reference``.
 
 ``reference`` names the LLaVA trained on ShapesQA that ships inside vtc (``vtc.reference``), so
-``vtc eval --model reference --tasks shapesqa`` needs no download and no path; ``reference-video`` names
+``vtc eval --model reference --tasks shapesqa`` needs no download and no path; ``reference-hard`` names the
+LLaVA trained on ShapesQA-hard (576 visual tokens), for ``--tasks shapesqa_hard``; ``reference-video`` names
 the LLaVA-OneVision trained on ShapesQA-Video (``vtc.reference.video``), for ``--tasks shapesqa_video``.
 """
 
@@ -14,6 +15,8 @@ import torch
 
 #: The name that stands for the reference model shipped with vtc.
 REFERENCE = "reference"
+#: The name that stands for the reference model trained on ShapesQA-hard (``vtc.reference.model.HARD_WEIGHTS``).
+REFERENCE_HARD = "reference-hard"
 #: The name that stands for the video reference model shipped with vtc (``vtc.reference.video``).
 REFERENCE_VIDEO = "reference-video"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -25,6 +28,10 @@ def model_source(name: str | Path) -> str:
         from vtc.reference.model import WEIGHTS
 
         return str(WEIGHTS)
+    if str(name) == REFERENCE_HARD:
+        from vtc.reference.model import HARD_WEIGHTS
+
+        return str(HARD_WEIGHTS)
     if str(name) == REFERENCE_VIDEO:
         from vtc.reference.video.model import WEIGHTS as VIDEO_WEIGHTS
 
@@ -38,6 +45,8 @@ def model_label(name: str | Path) -> str:
     path = Path(str(name))
     if str(name) == REFERENCE or (path.name == "weights" and path.parent.name == REFERENCE):
         return REFERENCE
+    if str(name) == REFERENCE_HARD or (path.name == "hard" and path.parent.name == REFERENCE):
+        return REFERENCE_HARD
     if str(name) == REFERENCE_VIDEO or (path.name == "weights" and path.parent.parent.name == REFERENCE):
         return REFERENCE_VIDEO
     return path.name or str(name)

@@ -367,15 +367,16 @@ def _shapes_score(records: Sequence[Record]) -> dict[str, float]:
 SHAPESQA_ROWS = 1000
 
 
-def _shapes_split(root: Any, split: str) -> Any:
-    from vtc.eval import shapesqa
+def _shapes_task(name: str, geometry: str) -> Task:
+    """ShapesQA or one of its variants (the same questions and scoring over other scenes)."""
 
-    return shapesqa.write_split(root, split, SHAPESQA_ROWS)
+    def make_split(root: Any, split: str) -> Any:
+        from vtc.eval import shapesqa
 
+        return shapesqa.write_split(root, split, SHAPESQA_ROWS, geometry)
 
-register(
-    Task(
-        name="shapesqa",
+    return Task(
+        name=name,
         columns=("id", "image", "question", "answer", "type", "objects"),
         text=lambda d: str(d["question"]),  # as the reference model was trained: no answer-format suffix
         target=lambda d: str(d["answer"]),
@@ -385,9 +386,13 @@ register(
         max_new_tokens=48,
         id_key="id",
         record_keys=("type", "pope", "objects"),
-        make_split=_shapes_split,
+        make_split=make_split,
     )
-)
+
+
+register(_shapes_task("shapesqa", "shapesqa"))
+#: ShapesQA-hard: 192 px scenes of up to 9 objects, 576 visual tokens (``--model reference-hard``).
+register(_shapes_task("shapesqa_hard", "shapesqa_hard"))
 
 
 # -- ShapesQA-Video (the synthetic video benchmark of vtc.eval.shapesqa_video) ------------------------------------

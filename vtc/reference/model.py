@@ -1,8 +1,12 @@
 """The reference VLM: a small LLaVA (CLIP tower, MLP projector, Llama LM) with its own word-level tokenizer.
 
 It is a stock ``LlavaForConditionalGeneration`` with a stock ``LlavaProcessor``: everything vtc does to it,
-it does to LLaVA-1.5. The shipped weights (``weights/``, fp16 safetensors) were trained from scratch on
-ShapesQA by ``python -m vtc.reference.train``; :func:`load` reads them through ``from_pretrained``.
+it does to LLaVA-1.5. Two sets of weights ship (fp16 safetensors), both trained from scratch by
+``python -m vtc.reference.train``; :func:`load` reads them through ``from_pretrained``:
+
+- ``weights/``: on ShapesQA, 96 px images, 144 visual tokens (the fast model of the tests and examples);
+- ``hard/``: on ShapesQA-hard (``--variant shapesqa_hard``), 192 px images, 576 visual tokens, LLaVA-1.5's
+  count, so that the papers' budgets of 192 / 128 / 64 tokens apply as stated (``vtc demo`` runs it).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from vtc.eval import shapesqa
 
 WEIGHTS = Path(__file__).parent / "weights"
+HARD_WEIGHTS = Path(__file__).parent / "hard"
 IMAGE_TOKEN = "<image>"
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN)
 # Every word a ShapesQA prompt or answer uses, and the LLaVA-1.5 conversation words.
@@ -66,13 +71,13 @@ def build_tokenizer(
     )  # fmt: skip
 
 
-def build_processor(tokenizer: Any | None = None) -> Any:
-    """A ``LlavaProcessor``: CLIP preprocessing at 96 px, and ``<image>`` expanded to 144 tokens."""
+def build_processor(tokenizer: Any | None = None, image_size: int = IMAGE_SIZE) -> Any:
+    """A ``LlavaProcessor``: CLIP preprocessing at `image_size` px (96: ``<image>`` expands to 144 tokens)."""
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     # The PIL backend: the default one needs torchvision, which CPU installs here do not have.
     images = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
         do_center_crop=True, do_convert_rgb=True,
     )  # fmt: skip
     return LlavaProcessor(
@@ -81,25 +86,28 @@ def build_processor(tokenizer: Any | None = None) -> Any:
     )  # fmt: skip
 
 
-def build_config(tokenizer: Any | None = None, *, text_layers: int = 4, text_width: int = 192) -> Any:
+def build_config(
+    tokenizer: Any | None = None, *, text_layers: int = 4, text_width: int = 192, image_size: int = IMAGE_SIZE
+) -> Any:
     """The architecture: a 4-layer CLIP tower (128 wide) and a Llama LM (4 layers, 192 wide, GQA by default)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     tokenizer = tokenizer or build_tokenizer()
+    visual_tokens = (image_size // PATCH) ** 2
     vision = CLIPVisionConfig(
-        image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        image_size=image_size, patch_size=PATCH, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
         num_attention_heads=4, projection_dim=128,
     )  # fmt: skip
     text = LlamaConfig(
         vocab_size=64 * -(-len(tokenizer) // 64), hidden_size=text_width, intermediate_size=8 * text_width // 3,
         num_hidden_layers=text_layers, num_attention_heads=text_width // 32, num_key_value_heads=2,
-        max_position_embeddings=512, rms_norm_eps=1e-5,
+        max_position_embeddings=512 * -(-(visual_tokens + 256) // 512), rms_norm_eps=1e-5,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
     )  # fmt: skip
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=(IMAGE_SIZE // PATCH) ** 2, vision_feature_select_strategy="default",
+        image_seq_length=visual_tokens, vision_feature_select_strategy="default",
         vision_feature_layer=-1, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
 
@@ -129,6 +137,16 @@ def weights_folder(path: str | Path | None, default: Path, what: str, script: st
             f"`python -m {script} --out <dir>` or pass the folder it wrote."
         )
     return path
+
+
+def variant_of(model: Any) -> shapesqa.Variant:
+    """The ShapesQA variant a reference model was trained on, read from its image size."""
+    size = model.config.vision_config.image_size
+    for geometry in shapesqa.VARIANTS.values():
+        if geometry.size == size:
+            return geometry
+    sizes = ", ".join(f"{v.name} {v.size} px" for v in shapesqa.VARIANTS.values())
+    raise ValueError(f"a reference model at {size} px matches no ShapesQA variant ({sizes}).")
 
 
 def load(

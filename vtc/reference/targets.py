@@ -3,7 +3,8 @@
 Besides the answer tokens (:func:`answer_labels`), training supervises what a tiny model does not find from
 the answers alone: the tower's per-patch colour and shape (:func:`patch_targets`), an early answer at a
 question's own words (:func:`early_targets`), one head's attention from each name to the named object's
-patches (:func:`attention_targets`) and onward to where the answer is made (:func:`relay_targets`). These
+patches (:func:`attention_targets`), onward to where the answer is made (:func:`relay_targets`), and from
+the token that answers onto the objects the question is about (:func:`filter_targets`). These
 are pure functions of the data, kept apart from the loop, the losses and the schedule of
 :mod:`vtc.reference.train`.
 """
@@ -177,3 +178,32 @@ def relay_targets(
                 links.append((i, start + shapes[1], start + shapes[0]))
     as_tensor = lambda pairs: torch.tensor(pairs, dtype=torch.long).reshape(-1, 3)  # noqa: E731
     return as_tensor(links), as_tensor(answers)
+
+
+def filter_targets(
+    input_ids: torch.Tensor,
+    scenes: list[shapesqa.Scene],
+    conversations: list[list[shapesqa.Example]],
+    tokenizer,
+    patch: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each turn's answering token and the patches of the objects its question is about.
+
+    Returns ``index`` ``[N, 2]`` (row, position of the ``:`` after ``ASSISTANT``) and ``patches`` ``[N, P]``
+    (True where an object the question names covers at least a quarter of the patch; every object's
+    patches when the question names none the scene has: counts, descriptions, absent objects). Training
+    asks the answering token's attention at one early layer to fall on them: the property of large VLMs
+    that early-layer filtering (GemFilter) relies on, which a tiny model trained on answers alone lacks.
+    """
+    index, patches = [], []
+    for i, (row, scene, examples) in enumerate(zip(input_ids.tolist(), scenes, conversations, strict=True)):
+        cover = coverage(scene, patch) >= 0.25  # [objects, P]
+        for reply, ex in zip(reply_positions(row, tokenizer), examples, strict=True):
+            named = sorted({obj for _, obj in named_objects(scene, ex.question)}) if ex.type != "describe" else []
+            about = cover[named].any(dim=0) if named else cover.any(dim=0)
+            if about.any():
+                index.append((i, reply))
+                patches.append(about)
+    if not index:
+        return torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, (scenes[0].size // patch) ** 2, dtype=torch.bool)
+    return torch.tensor(index), torch.stack(patches)

@@ -28,7 +28,16 @@ from vtc.progress import eta
 from vtc.reference import evaluate
 from vtc.reference.model import IMAGE_TOKEN, build_model, build_processor, prompt
 from vtc.reference.runlog import RunLog
-from vtc.reference.targets import answer_labels, attention_targets, early_targets, patch_targets, relay_targets
+from vtc.reference.taps import AttentionTaps
+from vtc.reference.targets import (
+    answer_labels,
+    attention_targets,
+    early_targets,
+    filter_targets,
+    patch_targets,
+    relay_targets,
+)
+from vtc.surface import set_attention_implementation
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -41,7 +50,14 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tenso
 
 
 def training_batch(
-    processor, step: int, batch: int, seed: int, patch: int | None = None, turns: int = 1, describe_every: int = 0
+    processor,
+    step: int,
+    batch: int,
+    seed: int,
+    patch: int | None = None,
+    turns: int = 1,
+    describe_every: int = 0,
+    geometry: shapesqa.Variant = shapesqa.STANDARD,
 ) -> dict[str, torch.Tensor]:
     """Examples ``step * batch ...`` of the stream, with labels on the answer tokens and ``</s>`` only.
 
@@ -52,17 +68,18 @@ def training_batch(
     ``describe_every`` = k, every k-th row is the description alone, asked first as the evaluation asks it.
     With ``patch``, also ``patch_targets`` ``[B, 2, P]`` for the tower's auxiliary loss,
     ``attend_index`` / ``attend_patches`` / ``attend_cells`` (:func:`attention_targets`) and ``links`` /
-    ``replies`` (:func:`relay_targets`) for the attention losses.
+    ``replies`` (:func:`relay_targets`), ``filter_index`` / ``filter_patches`` (:func:`filter_targets`) for
+    the attention losses. Scenes are drawn in `geometry` (ShapesQA's by default).
     """
     tok = processor.tokenizer
     images, texts, targets, conversations, scenes = [], [], [], [], []
     for j in range(batch):
         index = seed * 100_000_000 + step * batch + j
         if turns == 1:
-            scene, ex = shapesqa.sample_example(index)
+            scene, ex = shapesqa.sample_example(index, geometry=geometry)
             examples = [ex]
         else:
-            scene, examples = shapesqa.sample_conversation(index)
+            scene, examples = shapesqa.sample_conversation(index, geometry)
             alone = describe_every and j % describe_every == describe_every - 1
             examples = examples[-1:] if alone else examples[:turns]  # the description is the last turn
         conversations.append(examples)
@@ -83,6 +100,9 @@ def training_batch(
             inputs["input_ids"], scenes, conversations, tok, patch
         )
         inputs["links"], inputs["replies"] = relay_targets(inputs["input_ids"], scenes, conversations, tok)
+        inputs["filter_index"], inputs["filter_patches"] = filter_targets(
+            inputs["input_ids"], scenes, conversations, tok, patch
+        )
     return inputs
 
 
@@ -115,9 +135,78 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+class Looks:
+    """The attention rows the losses read in one step, from ``output.attentions`` (eager) or `taps`.
+
+    ``found``: head 0 of `attend_layer` from each name (``[N, T]``); ``relayed``: head 0 along each relay
+    pair (one ``[N]`` per relay layer within the model); ``filtered``: the mean over heads of `filter_layer`
+    from each answering token (``[N, T]``).
+    """
+
+    def __init__(
+        self, taps, attend_index, relays, filter_index, attend_layer: int, filter_layer: int, num_layers: int
+    ) -> None:
+        relays = [(pairs, layer) for pairs, layer in relays if layer < num_layers]
+        self.taps, self.attend_index, self.relays, self.filter_index = taps, attend_index, relays, filter_index
+        self.attend_layer, self.filter_layer = attend_layer, filter_layer
+        self.found = self.filtered = None
+        self.relayed: list[torch.Tensor] = []
+        if taps is not None:
+            taps.clear()
+            self._spans = [
+                taps.ask(attend_layer, *attend_index.unbind(1)) if len(attend_index) else None,
+                *[taps.ask(layer, pairs[:, 0], pairs[:, 1]) if len(pairs) else None for pairs, layer in relays],
+                taps.ask(filter_layer, *filter_index.unbind(1)) if len(filter_index) else None,
+            ]
+
+    def _rows(self, output, layer: int, index: int, rows: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        if self.taps is None:
+            return output.attentions[layer][rows, :, at].float()
+        return self.taps.rows(layer, self._spans[index])
+
+    def read(self, output) -> None:
+        if len(self.attend_index):
+            self.found = self._rows(output, self.attend_layer, 0, *self.attend_index.unbind(1))[:, 0]
+        for k, (pairs, layer) in enumerate(self.relays, start=1):
+            if len(pairs):
+                self.relayed.append(self._rows(output, layer, k, pairs[:, 0], pairs[:, 1])[:, 0].gather(
+                    1, pairs[:, 2:]
+                )[:, 0])  # fmt: skip
+        if len(self.filter_index):
+            index = len(self.relays) + 1
+            self.filtered = self._rows(output, self.filter_layer, index, *self.filter_index.unbind(1)).mean(dim=1)
+
+
+def warm_start(model, path: str | Path) -> str:
+    """Load a trained reference model's weights into `model`, interpolating the tower's position embeddings.
+
+    A model trained at another image size has another patch grid; its grid of position embeddings is
+    resized bicubically (the class position kept), as LLaVA-NeXT does for higher resolutions. Returns what
+    was resized, for the log.
+    """
+    from vtc.reference.model import load
+
+    state = load(path)[0].state_dict()
+    mine = model.state_dict()
+    resized = []
+    for name, tensor in state.items():
+        if name in mine and tensor.shape != mine[name].shape and name.endswith("position_embedding.weight"):
+            old, new = math.isqrt(tensor.shape[0] - 1), math.isqrt(mine[name].shape[0] - 1)
+            grid = tensor[1:].float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
+            grid = torch.nn.functional.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+            state[name] = torch.cat([tensor[:1].float(), grid.permute(0, 2, 3, 1).reshape(new * new, -1)])
+            resized.append(f"{name} {old}x{old} -> {new}x{new}")
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(f"--init {path}: not a reference model of this architecture ({missing or unexpected}).")
+    return "; ".join(resized) or "same geometry"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vtc.reference.train", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for the weights, processor, log and metrics")
+    p.add_argument("--variant", choices=tuple(shapesqa.VARIANTS), default="shapesqa", help="the scenes' geometry")
     p.add_argument("--steps", type=int, default=3600)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -134,7 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attend-layer", type=int, default=1, help="the layer whose first head learns to find")
     p.add_argument("--threads", type=int, default=2, help="torch threads; fixed so reruns retrace the run")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast dtype of the steps")
+    p.add_argument(
+        "--attention", choices=("eager", "taps"), default="eager",
+        help="how the attention losses read attention: eager (every row of every layer) or taps (sdpa, and only "
+        "the rows the losses read: several times faster at 576 visual tokens)",
+    )  # fmt: skip
+    p.add_argument("--init", help="start from this reference model's weights (its tower's positions interpolated)")
     p.add_argument("--tower-steps", type=int, default=400, help="steps (of 32 images) training the tower alone")
+    p.add_argument("--filter-weight", type=float, default=0.0, help="weight of the answering token's filter loss")
+    p.add_argument("--filter-layer", type=int, default=1, help="the layer whose answering token finds the objects")
     p.add_argument("--where-weight", type=float, default=1.0, help="weight of the projector's position probe")
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the tower's per-patch loss")
     p.add_argument("--align-weight", type=float, default=1.0, help="weight of the projector's word alignment")
@@ -145,10 +242,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     say = RunLog(out, "vtc.reference.train", argv, quiet=args.quiet, threads=args.threads)
-    processor = build_processor()
-    # The attention loss needs attention weights, which only the eager implementation returns.
-    attn = "eager" if args.attend_weight > 0 else "sdpa"
-    model = build_model(args.seed, attn, text_layers=args.text_layers, text_width=args.text_width).train()
+    geometry = shapesqa.variant(args.variant)
+    processor = build_processor(image_size=geometry.size)
+    # The attention losses need attention weights: eager returns them all, taps the rows the losses read.
+    attends = args.attend_weight > 0 or args.filter_weight > 0
+    architecture = {"text_layers": args.text_layers, "text_width": args.text_width, "image_size": geometry.size}
+    model = build_model(args.seed, "eager" if attends and args.attention == "eager" else "sdpa", **architecture)
+    if args.init:
+        say(f"initial weights: {args.init} ({warm_start(model, args.init)})")
+    model.train()
+    taps = AttentionTaps() if attends and args.attention == "taps" else None
+    if taps is not None:
+        taps.install(model.config.text_config)
     image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     say(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
     # The auxiliary head reads the tower's last layer (the features the projector takes) and is dropped
@@ -183,11 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     rest = [p for n, p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}])
     val_root = tempfile.TemporaryDirectory()
-    shapesqa.write_split(val_root.name, "val", args.eval_rows)
+    shapesqa.write_split(val_root.name, "val", args.eval_rows, geometry)
     val_rows = shapesqa.read_split(val_root.name, "val")
 
     def validate(rows: list[dict]) -> dict[str, float]:
         model.eval()
+        if taps is not None:
+            taps.clear()
         metrics = shapesqa.score(rows, evaluate.predict(model, processor, rows, val_root.name))
         model.train()
         return metrics
@@ -196,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     for step in range(args.tower_steps):  # the tower alone first: shapes are the slowest thing it learns
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
-        scenes = [shapesqa.sample_scene(random.Random(tower_stream(args.seed, step, j))) for j in range(TOWER_BATCH)]
+        scenes = [
+            shapesqa.sample_scene(random.Random(tower_stream(args.seed, step, j)), geometry) for j in range(TOWER_BATCH)
+        ]
         pixels = processor.image_processor([shapesqa.render(s) for s in scenes], return_tensors="pt")["pixel_values"]
         targets = torch.stack([patch_targets(s, vision.patch_size) for s in scenes])
         tower_out.clear()
@@ -219,20 +328,25 @@ def main(argv: list[str] | None = None) -> int:
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
         inputs = training_batch(
-            processor, step, args.batch, args.seed, vision.patch_size, args.turns, args.describe_every
+            processor, step, args.batch, args.seed, vision.patch_size, args.turns, args.describe_every, geometry
         )
         targets = inputs.pop("patch_targets")  # [B, 2, P]
         labels, weights = inputs.pop("labels"), inputs.pop("answer_weights")
         early = inputs.pop("early_targets")
         attend_index, attend_patches = inputs.pop("attend_index"), inputs.pop("attend_patches")
         attend_cells = inputs.pop("attend_cells")
+        filter_index, filter_patches = inputs.pop("filter_index"), inputs.pop("filter_patches")
         relays = ((inputs.pop("links"), args.attend_layer + 1), (inputs.pop("replies"), args.attend_layer + 2))
         tower_out.clear()
         projected.clear()
+        looks = Looks(taps, attend_index, relays, filter_index, args.attend_layer, args.filter_layer, args.text_layers)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             output = model(
-                **inputs, output_hidden_states=args.early_weight > 0, output_attentions=args.attend_weight > 0
+                **inputs,
+                output_hidden_states=args.early_weight > 0,
+                output_attentions=attends and taps is None,
             )
+            looks.read(output)
             if args.early_weight > 0:  # the middle layer read through the final norm and the LM head
                 at = early != -100
                 middle = output.hidden_states[args.early_layer][at]
@@ -251,15 +365,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.attend_weight > 0 and len(attend_index):
             # The first head of one layer, from each name, onto the named object's patches.
             rows, at_token = attend_index.unbind(1)
-            weights_img = output.attentions[args.attend_layer][rows, 0, at_token]  # [N, T]
+            weights_img = looks.found  # [N, T]
             image_at = (inputs["input_ids"] == image_id).nonzero()[:, 1].reshape(len(labels), -1)  # [B, P]
             on_image = weights_img.gather(1, image_at[rows]).float()  # [N, P]
             found = (on_image * attend_patches).sum(dim=1)
             loss = loss + args.attend_weight * -torch.log(found + 1e-6).mean()
-            for pairs, layer in relays:
-                if len(pairs) and layer < len(output.attentions):
-                    looked = output.attentions[layer][pairs[:, 0], 0, pairs[:, 1], pairs[:, 2]].float()
-                    loss = loss + args.attend_weight * -torch.log(looked + 1e-6).mean()
+            for looked in looks.relayed:
+                loss = loss + args.attend_weight * -torch.log(looked + 1e-6).mean()
             if args.where_weight > 0 and output.hidden_states is not None:  # the fetched object's cell
                 fetched = output.hidden_states[args.attend_layer + 1][rows, at_token].float()
                 cell_logits = placed(fetched).reshape(len(rows), 2, -1).transpose(1, 2)  # [N, rows, 2]
@@ -267,6 +379,15 @@ def main(argv: list[str] | None = None) -> int:
             found_running = (
                 found.mean().item() if found_running is None else 0.95 * found_running + 0.05 * found.mean().item()
             )
+        if args.filter_weight > 0 and len(filter_index):
+            # Every head of the filter layer, from the answering token: its attention over the image falls on
+            # the question's objects (GemFilter's scores are that token's attention logits, summed over heads).
+            rows, at_token = filter_index.unbind(1)
+            image_at = (inputs["input_ids"] == image_id).nonzero()[:, 1].reshape(len(labels), -1)  # [B, P]
+            weights_img = looks.filtered  # [N, T]
+            on_image = weights_img.gather(1, image_at[rows])  # [N, P]
+            share = (on_image * filter_patches).sum(dim=1) / on_image.sum(dim=1).clamp_min(1e-9)
+            loss = loss + args.filter_weight * -torch.log(share + 1e-6).mean()
         loss = loss + args.aux_weight * tower_loss(aux, targets)
         if args.where_weight > 0:  # each patch's own row and column, linearly readable from its token
             where_logits = where_out.float().reshape(*where_out.shape[:2], 2, -1)
@@ -300,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     train_s = time.perf_counter() - started
     for hook in hooks:
         hook.remove()
+    if taps is not None:  # the saved model runs stock sdpa
+        set_attention_implementation(model.config.text_config, "sdpa")
 
     metrics = validate(val_rows)
     val_root.cleanup()
