@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
+
 from vtc.adapters import adapter_for
 from vtc.demo import BUDGETS, TOLERANCE, at_budget, pruning_methods
-from vtc.reference.model import build_model
+from vtc.reference.model import IMAGE_SIZE, build_model
 
 
-def test_rows_of_one_budget_lie_within_ten_points_of_prefill_flops():
-    model = build_model()  # the reference geometry (4 layers, 144 visual tokens); weights do not matter
+@pytest.mark.parametrize("image_size", [IMAGE_SIZE, 2 * IMAGE_SIZE], ids=["144-tokens", "576-tokens"])
+def test_rows_of_one_budget_lie_within_ten_points_of_prefill_flops(image_size):
+    model = build_model(image_size=image_size)  # the reference geometries (4 layers); weights do not matter
     dims, n_visual = adapter_for(model).dims(), model.config.image_seq_length
     for fraction in BUDGETS:
         settings = [at_budget(m, fraction, n_visual, dims, text_tokens=15) for m in pruning_methods()]
@@ -18,6 +21,9 @@ def test_rows_of_one_budget_lie_within_ten_points_of_prefill_flops():
         assert all(abs(s.planned - s.target) <= TOLERANCE for s in settings if s.matched)
         assert all(s.matched for s in settings if s.config.method != "gemfilter")  # only its pre-pass may not
         assert all(s.planned < 1.0 for s in settings)  # no pruned row costs more than dense
+        (gemfilter,) = [s for s in settings if s.config.method == "gemfilter"]
+        assert gemfilter.prepass and gemfilter.config.keep == round(fraction * n_visual)  # the budget's count
+        assert "pre-pass" in gemfilter.note and not any(s.prepass for s in settings if s is not gemfilter)
         by_method = {s.config.method: s.config for s in settings}
         assert by_method["dart"].keep == by_method["random"].keep == round(fraction * n_visual)
 

@@ -23,9 +23,12 @@ def inputs_for(processor: Any, rows: list[dict], root: str | Path) -> dict[str, 
 
 @torch.no_grad()
 def predict(
-    model: Any, processor: Any, rows: list[dict], root: str | Path, *, batch_size: int = 16, max_new_tokens: int = 24
+    model: Any, processor: Any, rows: list[dict], root: str | Path, *, batch_size: int = 16, max_new_tokens: int = 40
 ) -> list[str]:
-    """Greedy answers to ``rows`` (stock ``generate``, left padding), in order."""
+    """Greedy answers to ``rows`` (stock ``generate``, left padding), in order.
+
+    40 new tokens hold the longest description (nine objects, 35 words and ``</s>``).
+    """
     out = []
     for chunk in batches(rows, batch_size):
         inputs = inputs_for(processor, chunk, root)
