@@ -167,3 +167,28 @@ def test_repr_is_a_short_summary_and_the_data_stay_on_the_attributes():
     assert len(text) < 160 and "\n" not in text
     assert "prefill 24 of 32 (75.0%)" in text and "total 27 of 35 (77.1%)" in text and "32 layers" in text
     assert rep.per_layer[16] == 0.5 and len(rep.per_layer_dense) == 32
+
+
+def test_dense_counts_the_prompt_before_a_merge_at_the_embeddings():
+    """A stage at the embeddings (FocusLLaVA's vision-guided merge) shortens layer 0's input; the dense
+    reference is still the whole prompt, so a merge shows as FLOPs saved, not as a smaller dense model."""
+    import vtc
+    from vtc.eval import shapesqa
+    from vtc.flops import decoder_flops
+    from vtc.reference.model import build_model, build_processor, prompt
+
+    model, processor = build_model().eval(), build_processor()
+    scene, ex = shapesqa.sample_example(0)
+    image = shapesqa.render(scene)
+    image.paste((128, 128, 128), (0, 0, 96, 60))  # a flat region: windows of identical tokens to merge
+    inputs = processor(images=[image], text=[prompt(ex.question)], return_tensors="pt")
+    with vtc.apply(model, "focusllava.r64") as handle, torch.no_grad():
+        model(**inputs)
+    stats = handle.stats
+    prompt_tokens = int(inputs["attention_mask"].sum())
+    assert stats.input_tokens == [prompt_tokens] and stats.tokens_per_layer[0][0] < prompt_tokens  # merged
+    report = stats.flops
+    dims = handle.adapter.dims()
+    (dense_layer,) = set(decoder_flops(dims, [prompt_tokens] * dims.num_layers))
+    assert list(report.per_layer_dense) == pytest.approx([dense_layer] * dims.num_layers)
+    assert report.per_layer[0] < dense_layer and report.prefill_ratio < 1.0  # the merge's saving is counted

@@ -296,9 +296,12 @@ def report_from_stats(stats: TokenStats, dims: ModelDims, formula: Formula = "pa
     """The report of the forward that `stats` describes (``handle.stats.flops``)."""
     rows = [list(col) for col in zip(*stats.tokens_per_layer, strict=True)]  # [row][layer]
     prepass = [list(col) for col in zip(*stats.prepass_tokens_per_layer, strict=True)]
-    # The dense model runs the whole prompt through every layer. A pre-pass (GemFilter) sees the whole prompt
-    # while the real forward starts already filtered, so the prompt length is the pre-pass's first count.
+    # The dense model runs the whole prompt through every layer: the prompt before any stage, which a stage at
+    # the embeddings (a merge, GemFilter's filter) may already have shortened at layer 0.
+    # (A scan of EXTEND forwards, VideoScan's, counts each forward's own input.)
     firsts = [p[0] for p in prepass] if prepass else [r[0] for r in rows]
+    if stats.input_tokens and not stats.extends and len(stats.input_tokens) == len(rows):
+        firsts = [max(n, first) for n, first in zip(stats.input_tokens, firsts, strict=True)]
     dense = [[n] * dims.num_layers for n in firsts]
     images = list(stats.image_tokens)
     cached = [list(col) for col in zip(*stats.cache_tokens_per_layer, strict=True)] or None

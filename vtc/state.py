@@ -328,6 +328,7 @@ class TokenStats:
         extends: of those, the forwards of several new tokens (a chat turn, a verify step, a video chunk).
         extra_forwards: forwards a decoding method ran beyond the model's own.
         image_tokens: LLM visual tokens of each image (or video) in the batch, for the vision FLOPs.
+        input_tokens: per row, the prompt's tokens before any stage ran (the dense model's count).
         prepass_tokens_per_layer: ``[layer][row]`` tokens of a method's pre-pass (GemFilter runs layers
             0..r on the full input before the real forward); empty when none ran.
         cache_tokens_per_layer: ``[layer][row]`` tokens each layer's KV cache holds after the prefill
@@ -343,6 +344,7 @@ class TokenStats:
     extends: int = 0
     extra_forwards: int = 0
     image_tokens: list[int] = dataclasses.field(default_factory=list)
+    input_tokens: list[int] = dataclasses.field(default_factory=list)
     prepass_tokens_per_layer: list[list[int]] = dataclasses.field(default_factory=list)
     cache_tokens_per_layer: list[list[int]] = dataclasses.field(default_factory=list)
     dims: ModelDims | None = dataclasses.field(default=None, repr=False)

@@ -217,6 +217,7 @@ class Session:
             if not self._in_extra:  # a decoding method's extra forward keeps the stats and buffers
                 self.stats = TokenStats(dims=self.stats.dims)
                 self.stats.image_tokens = self.adapter.image_token_counts(visual, layout)
+                self.stats.input_tokens = valid.sum(dim=1).tolist()  # before any stage: what dense runs
                 self.pipeline.on_forward_start()
             if self.pipeline.prepass_layer is not None and self.pipeline.needs_prepass(state):
                 self._run_prepass(kwargs, self.pipeline.prepass_layer)
