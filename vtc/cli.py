@@ -145,7 +145,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from vtc.demo import run
 
     if args.rows is None:
-        args.rows = 64 if args.video else 150
+        args.rows = 64 if args.video else 30
     return run(args)
 
 
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the reference model on ShapesQA, dense and pruned: accuracy, FLOPs, time")
     p.add_argument("--methods", default="", help="comma-separated pruning methods (default: every registered one)")
     p.add_argument("--video", action="store_true", help="the video reference model on ShapesQA-Video clips instead")
-    p.add_argument("--rows", type=int, default=None, help="held-out questions (default: 150, or 64 with --video)")
+    p.add_argument("--rows", type=int, default=None, help="held-out questions (default: 30, or 64 with --video)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3, help="timed prefills per setting")
     p.add_argument("--model", default=None, help="a reference model folder (default: the one shipped with vtc)")

@@ -31,9 +31,9 @@ def pruning_methods() -> list[str]:
     return [m for m in vtc.list_methods() if get_method(m).prunes]
 
 
-#: Prompts in the video demo's timed prefill: 8 clips (1,032 visual tokens) time a prefill as well as 16 and keep
-#: the demo inside two minutes (the tower runs on every frame of every timed prefill).
-VIDEO_TIMING_PROMPTS = 8
+#: Prompts in a timed prefill: 8 images (4,608 visual tokens) or 8 clips (1,032) time a prefill as well as 16
+#: and keep the demo near two minutes (the tower runs on every image and frame of every timed prefill).
+TIMING_PROMPTS = 8
 
 #: Methods are compared at matched prefill FLOPs: a budget's target is the FLOPs of `ANCHOR` keeping that many
 #: visual tokens (from its layer 2 on), and each method gets the `keep` whose planned FLOPs come nearest.
@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
             answer=lambda batch: evaluate.predict(model, processor, batch, root, batch_size=args.batch_size),
             score=shapesqa.score,
             types=shapesqa.TYPES,
-            timing_batch=evaluate.inputs_for(processor, rows[: args.batch_size], root),
+            timing_batch=evaluate.inputs_for(processor, rows[: min(args.batch_size, TIMING_PROMPTS)], root),
         )
         table = compare(model, n_visual, rows, bench, args)
     print(table)
@@ -292,7 +292,7 @@ def run_video(args: argparse.Namespace) -> int:
         questions, frames = [r["question"] for r in batch], [clips[r["id"]] for r in batch]
         return predict(model, tokenizer, questions, frames, batch_size=args.batch_size)
 
-    head = rows[: min(args.batch_size, VIDEO_TIMING_PROMPTS)]
+    head = rows[: min(args.batch_size, TIMING_PROMPTS)]
     timing_batch = reference.video_inputs(
         tokenizer, [clips[r["id"]] for r in head], [reference.prompt(r["question"]) for r in head]
     )
