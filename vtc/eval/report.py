@@ -121,7 +121,7 @@ def plot_accuracy_flops(runs: Sequence[dict[str, Any]], out_dir: str | Path) -> 
     for r in rows(runs):
         if r["flops"] is not None and r["score"] is not None:
             groups.setdefault((r["model"], r["task"]), []).append(r)
-    markers = "os^Dvp<>hX"
+    markers = "os^Dvp<>hX"  # colours cycle fastest, so (colour, marker) is unique up to 100 settings
     paths = []
     for (model, task), items in groups.items():
         relative = all(r["flops_ratio"] is not None for r in items)
@@ -132,7 +132,7 @@ def plot_accuracy_flops(runs: Sequence[dict[str, Any]], out_dir: str | Path) -> 
         for i, r in enumerate(items):
             dense = r["method"] == DENSE
             ax.scatter(
-                xs[i], ys[i], s=110 if dense else 45, marker="*" if dense else markers[i % len(markers)],
+                xs[i], ys[i], s=110 if dense else 45, marker="*" if dense else markers[(i // 10) % len(markers)],
                 color="black" if dense else cmap(i % 10), label=r["method"], zorder=3,
             )  # fmt: skip
         front = pareto_front(list(zip(xs, ys, strict=True)))
