@@ -355,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             words = projected[-1] @ model.get_input_embeddings().weight.T  # [B, P, V]
             where_out = where(projected[-1])  # [B, P, 2 * rows]
         loss = answer_loss(output.logits, labels, weights)
+        image_at = (inputs["input_ids"] == image_id).nonzero()[:, 1].reshape(len(labels), -1)  # [B, P]
         answered = loss.item()
         if args.early_weight > 0 and at.any():
             early_loss = torch.nn.functional.cross_entropy(early_logits.float(), early[at])
@@ -366,7 +367,6 @@ def main(argv: list[str] | None = None) -> int:
             # The first head of one layer, from each name, onto the named object's patches.
             rows, at_token = attend_index.unbind(1)
             weights_img = looks.found  # [N, T]
-            image_at = (inputs["input_ids"] == image_id).nonzero()[:, 1].reshape(len(labels), -1)  # [B, P]
             on_image = weights_img.gather(1, image_at[rows]).float()  # [N, P]
             found = (on_image * attend_patches).sum(dim=1)
             loss = loss + args.attend_weight * -torch.log(found + 1e-6).mean()
@@ -383,7 +383,6 @@ def main(argv: list[str] | None = None) -> int:
             # Every head of the filter layer, from the answering token: its attention over the image falls on
             # the question's objects (GemFilter's scores are that token's attention logits, summed over heads).
             rows, at_token = filter_index.unbind(1)
-            image_at = (inputs["input_ids"] == image_id).nonzero()[:, 1].reshape(len(labels), -1)  # [B, P]
             weights_img = looks.filtered  # [N, T]
             on_image = weights_img.gather(1, image_at[rows])  # [N, P]
             share = (on_image * filter_patches).sum(dim=1) / on_image.sum(dim=1).clamp_min(1e-9)
