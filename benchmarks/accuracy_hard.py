@@ -3,9 +3,10 @@
 On the ShapesQA-hard reference model (a LLaVA with 576 visual tokens per image, LLaVA-1.5's count) every
 setting answers the same held-out questions through stock ``generate``: dense, then each registered
 pruning method at 192, 128 and 64 of 576 tokens, at matched prefill FLOPs as ``vtc demo`` picks them
-(``vtc.demo.at_budget``: each budget's target is DART keeping that many tokens, and each method gets the
-keep whose planned FLOPs come nearest; GemFilter, whose pre-pass is paid before any token goes, keeps
-the budget's count).
+(``vtc.demo.settings_for``: each budget's target is DART keeping that many tokens, and each method gets the
+keep whose planned FLOPs come nearest; MustDrop's and FocusLLaVA's merge thresholds are then raised until
+their FLOPs measured on one batch reach the target; GemFilter, whose pre-pass is paid before any token goes,
+keeps the budget's count).
 
 Printed per setting: accuracy with its Wilson 95% interval, accuracy relative to dense with a paired
 bootstrap 95% interval (the same questions resampled for both), each question type, the prefill FLOPs
@@ -45,10 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import vtc
-    from vtc.adapters import adapter_for
     from vtc.bench import format_rows
     from vtc.cli import append_rows, environment
-    from vtc.demo import BUDGETS, at_budget, label, pruning_methods
+    from vtc.demo import label, pruning_methods, settings_for
     from vtc.eval import shapesqa
     from vtc.eval.scoring import paired_ratio_interval, wilson_interval
     from vtc.reference import evaluate
@@ -71,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     shapesqa.write_split(root.name, "test", args.questions * 5 // 4, geometry)
     rows = [r for r in shapesqa.read_split(root.name, "test") if r["type"] != "describe"]
     batch = evaluate.inputs_for(processor, rows[: args.batch_size], root.name)
-    text_tokens = round(float(batch["attention_mask"].sum(dim=1).double().mean()) - n_visual)
-    dims = adapter_for(model).dims()
-    settings = [None] + [at_budget(m, f, n_visual, dims, text_tokens) for f in BUDGETS for m in methods]
+    settings = [None, *settings_for(model, methods, n_visual, batch)]
     print(
         f"{len(rows)} held-out {geometry.name} questions, {n_visual} visual tokens per image: dense and "
         f"{len(settings) - 1} settings at matched prefill FLOPs.",
