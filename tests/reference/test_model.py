@@ -15,7 +15,14 @@ from vtc.reference import evaluate
 from vtc.reference import model as reference
 from vtc.reference.taps import AttentionTaps
 from vtc.reference.targets import coverage, named_objects, reply_positions
-from vtc.reference.train import Looks, answer_loss, tower_loss, training_batch, warm_start
+from vtc.reference.train import (
+    Looks,
+    answer_loss,
+    tower_loss,
+    training_batch,
+    visual_dropout,
+    warm_start,
+)
 from vtc.reference.train import main as train_main
 
 
@@ -255,6 +262,35 @@ def test_tower_loss_scores_shapes_on_objects_only():
     assert tower_loss(aux, targets).item() == pytest.approx(math.log(7) / 2, rel=1e-4)
 
 
+def test_visual_dropout_hides_tokens_as_a_pruner_would():
+    """Picked rows lose background only (objects kept) or a drawn share of any tokens, renumbered or not."""
+    batch, patches, text = 200, 36, 5
+    mask = torch.ones(batch, text + patches + text, dtype=torch.long)
+    mask[0, -2:] = 0  # padding stays padding
+    image_at = (torch.arange(patches) + text).expand(batch, -1)
+    touched = torch.zeros(batch, patches, dtype=torch.bool)
+    touched[:, :4] = True
+    before = mask.clone()
+    out, positions, picked = visual_dropout(mask, image_at, touched, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(mask, before) and 60 < int(picked.sum()) < 140  # the input unchanged; about half picked
+    assert torch.equal(out[~picked], mask[~picked])
+    assert torch.equal(out[:, :text], mask[:, :text]) and torch.equal(out[:, -text:], mask[:, -text:])
+    visible = out.gather(1, image_at).bool()[picked]
+    objects_kept = visible[:, :4].all(dim=1)
+    some_lost = visible.sum(dim=1) < patches
+    assert (objects_kept & some_lost).any() and (~objects_kept).any()  # background only, and any tokens
+    drawn = visible[~objects_kept].sum(dim=1)  # the rows that lost any tokens keep 8% to 50% of them
+    assert (drawn >= round(0.08 * patches)).all() and (drawn <= round(0.5 * patches)).all()
+    arange = torch.arange(mask.shape[1])
+    fresh = picked & (positions != arange).any(dim=1)
+    assert fresh.any() and (picked & ~fresh).any()
+    assert torch.equal(positions[~picked], arange.expand(int((~picked).sum()), -1))
+    for row in fresh.nonzero()[:, 0].tolist():  # the visible tokens numbered 0, 1, 2, ...
+        assert torch.equal(positions[row][out[row].bool()], torch.arange(int(out[row].sum())))
+    again = visual_dropout(mask, image_at, touched, 0.5, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(again, (out, positions, picked), strict=True))  # seeded
+
+
 def test_training_script_writes_a_loadable_model(tmp_path):
     args = ["--out", str(tmp_path), "--steps", "2", "--batch", "4", "--eval-rows", "5", "--tower-steps", "2"]
     assert train_main(args) == 0
@@ -267,8 +303,9 @@ def test_training_script_writes_a_loadable_model(tmp_path):
 
 
 def test_a_rerun_retraces_the_run_bit_for_bit(tmp_path):
-    """Seeded data, seeded init and a fixed thread count: two runs write the same bytes."""
+    """Seeded data, seeded init and a fixed thread count: two runs write the same bytes (visual dropout too)."""
     args = ["--steps", "3", "--batch", "2", "--turns", "3", "--eval-rows", "5", "--tower-steps", "2"]
+    args += ["--visual-dropout", "0.5"]
     for name in ("a", "b"):
         assert train_main(["--out", str(tmp_path / name), *args]) == 0
     a, b = ((tmp_path / n / "model.safetensors").read_bytes() for n in ("a", "b"))

@@ -32,6 +32,7 @@ from vtc.reference.taps import AttentionTaps
 from vtc.reference.targets import (
     answer_labels,
     attention_targets,
+    coverage,
     early_targets,
     filter_targets,
     patch_targets,
@@ -103,7 +104,49 @@ def training_batch(
         inputs["filter_index"], inputs["filter_patches"] = filter_targets(
             inputs["input_ids"], scenes, conversations, tok, patch
         )
+        inputs["touched"] = torch.stack([coverage(s, patch).sum(dim=0) > 0 for s in scenes])
     return inputs
+
+
+def visual_dropout(
+    attention_mask: torch.Tensor,
+    image_at: torch.Tensor,
+    touched: torch.Tensor,
+    rate: float,
+    generator: torch.Generator,
+    background_share: float = 0.5,
+    keep_range: tuple[float, float] = (0.08, 0.5),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hide visual tokens of some rows from the language model, as a pruning method would drop them.
+
+    Each row is picked with probability `rate`. A share `background_share` of the picked rows loses a share
+    of its background drawn uniformly from [0, 1], every token an object touches (`touched` ``[B, P]``) kept:
+    what attention-scored pruners do, and what a model that counts objects by the share of the image they
+    fill gets wrong. The other picked rows keep a share of all their tokens drawn from `keep_range`, at
+    random. The hidden tokens are masked out as keys (the tower still sees the whole image, as it does under
+    pruning); half the picked rows renumber the kept tokens' positions from 0 (GemFilter's fresh positions),
+    the rest keep the original ones (DART's, SparseVLM's).
+
+    Returns the new attention mask, the position ids ``[B, T]`` and which rows were picked ``[B]``; the
+    inputs are not changed.
+    """
+    batch, patches = touched.shape
+    picked = torch.rand(batch, generator=generator) < rate
+    background = torch.rand(batch, generator=generator) < background_share
+    share = torch.rand(batch, generator=generator)
+    low, high = keep_range
+    keep_n = ((low + (high - low) * share) * patches).round().long()
+    fresh = torch.rand(batch, generator=generator) < 0.5
+    noise = torch.rand(batch, patches, generator=generator)
+    lose_background = ~touched & (noise < share[:, None])
+    lose_any = noise.argsort(dim=1).argsort(dim=1) >= keep_n[:, None]  # all but the keep_n lowest draws
+    hidden = picked[:, None] & torch.where(background[:, None], lose_background, lose_any)
+    mask = attention_mask.clone()
+    mask.scatter_(1, image_at, mask.gather(1, image_at) * ~hidden)
+    original = torch.arange(mask.shape[1]).expand_as(mask)
+    renumbered = (mask.cumsum(dim=1) - 1).clamp_min(0)
+    positions = torch.where((picked & fresh)[:, None], renumbered, original)
+    return mask, positions, picked
 
 
 def tower_loss(aux: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -237,6 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--align-weight", type=float, default=1.0, help="weight of the projector's word alignment")
     p.add_argument("--quiet", action="store_true", help="no progress lines on the console (the log file keeps them)")
     p.add_argument("--eval-rows", type=int, default=1000, help="rows of the val split scored at the end")
+    p.add_argument(
+        "--visual-dropout", type=float, default=0.0,
+        help="share of rows whose visual tokens are partly hidden from the language model (visual_dropout)",
+    )  # fmt: skip
+    p.add_argument(
+        "--background-share", type=float, default=0.5,
+        help="share of the hidden rows that lose background only (the rest lose any tokens)",
+    )  # fmt: skip
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -336,7 +387,22 @@ def main(argv: list[str] | None = None) -> int:
         attend_index, attend_patches = inputs.pop("attend_index"), inputs.pop("attend_patches")
         attend_cells = inputs.pop("attend_cells")
         filter_index, filter_patches = inputs.pop("filter_index"), inputs.pop("filter_patches")
-        relays = ((inputs.pop("links"), args.attend_layer + 1), (inputs.pop("replies"), args.attend_layer + 2))
+        links, replies = inputs.pop("links"), inputs.pop("replies")
+        touched = inputs.pop("touched")
+        image_at = (inputs["input_ids"] == image_id).nonzero()[:, 1].reshape(len(labels), -1)  # [B, P]
+        if args.visual_dropout > 0:
+            dice = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+            inputs["attention_mask"], inputs["position_ids"], picked = visual_dropout(
+                inputs["attention_mask"], image_at, touched, args.visual_dropout, dice, args.background_share
+            )
+            # The attention losses point at patches a hidden row may have lost: they read whole rows only.
+            whole = ~picked[attend_index[:, 0]] if len(attend_index) else torch.ones(0, dtype=torch.bool)
+            attend_index, attend_patches, attend_cells = attend_index[whole], attend_patches[whole], attend_cells[whole]
+            links = links[~picked[links[:, 0]]] if len(links) else links
+            replies = replies[~picked[replies[:, 0]]] if len(replies) else replies
+            whole = ~picked[filter_index[:, 0]] if len(filter_index) else torch.ones(0, dtype=torch.bool)
+            filter_index, filter_patches = filter_index[whole], filter_patches[whole]
+        relays = ((links, args.attend_layer + 1), (replies, args.attend_layer + 2))
         tower_out.clear()
         projected.clear()
         looks = Looks(taps, attend_index, relays, filter_index, args.attend_layer, args.filter_layer, args.text_layers)
@@ -355,7 +421,6 @@ def main(argv: list[str] | None = None) -> int:
             words = projected[-1] @ model.get_input_embeddings().weight.T  # [B, P, V]
             where_out = where(projected[-1])  # [B, P, 2 * rows]
         loss = answer_loss(output.logits, labels, weights)
-        image_at = (inputs["input_ids"] == image_id).nonzero()[:, 1].reshape(len(labels), -1)  # [B, P]
         answered = loss.item()
         if args.early_weight > 0 and at.any():
             early_loss = torch.nn.functional.cross_entropy(early_logits.float(), early[at])
