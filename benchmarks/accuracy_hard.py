@@ -45,10 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results" / "hard_accuracy.csv"), help="CSV the rows are added to")
     args = parser.parse_args(argv)
 
-    import vtc
     from vtc.bench import format_rows
     from vtc.cli import append_rows, environment
-    from vtc.demo import label, pruning_methods, settings_for
+    from vtc.demo import answer_and_measure, pruning_methods, row_name, settings_for
     from vtc.eval import shapesqa
     from vtc.eval.scoring import paired_ratio_interval, wilson_interval
     from vtc.reference import evaluate
@@ -81,12 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     table, dense_right = [], None
     for setting in settings:
         config = None if setting is None else setting.config
-        name = "dense" if config is None else f"{setting.budget} {label(config)}{setting.note}"
-        with vtc.apply(model, config if config is not None else "dart.noop") as handle:
-            predictions = evaluate.predict(model, processor, rows, root.name, batch_size=args.batch_size)
-            with torch.no_grad():
-                model(**batch, logits_to_keep=1)  # the stats of one prefill
-            stats = handle.stats
+        name = row_name(setting)
+
+        def answer() -> list[str]:
+            return evaluate.predict(model, processor, rows, root.name, batch_size=args.batch_size)
+
+        predictions, stats = answer_and_measure(model, config, answer, batch)
         right = [shapesqa.is_correct(r, p) for r, p in zip(rows, predictions, strict=True)]
         dense_right = right if dense_right is None else dense_right
         metrics = shapesqa.score(rows, predictions)

@@ -187,6 +187,27 @@ def settings_for(model: Any, methods: list[str], n_visual: int, batch: dict[str,
     return [calibrate(at_budget(m.strip(), f, n_visual, dims, text_tokens), measure) for f in BUDGETS for m in methods]
 
 
+def answer_and_measure(
+    model: Any, config: Any, answer: Callable[[], list[str]], batch: dict[str, Any]
+) -> tuple[list[str], Any]:
+    """`answer()` with `config` applied (None: dense), then one prefill of `batch` for its stats.
+
+    Returns the predictions and the prefill's ``vtc.state.TokenStats`` (FLOPs, visual tokens per layer).
+    """
+    import vtc
+
+    with vtc.apply(model, config if config is not None else "dart.noop") as handle:
+        predictions = answer()
+        with torch.no_grad():
+            model(**batch, logits_to_keep=1)
+        return predictions, handle.stats
+
+
+def row_name(setting: Setting | None) -> str:
+    """A table row's name: ``dense``, or the budget, the method's label and the setting's note."""
+    return "dense" if setting is None else f"{setting.budget} {label(setting.config)}{setting.note}"
+
+
 def label(config: Any) -> str:
     """The method and its budget (``dart keep=64``), with a merge threshold that is not the method's default."""
     settings = config.to_dict()
@@ -232,12 +253,8 @@ def compare(model: Any, n_visual: int, rows: list[dict], bench: Bench, args: arg
     shown = bar(len(settings) * len(rows), "answering", unit="q", enabled=not getattr(args, "quiet", False))
     for setting in settings:
         config = None if setting is None else setting.config
-        name = "dense" if config is None else f"{setting.budget} {label(config)}{setting.note}"
-        with vtc.apply(model, config if config is not None else "dart.noop") as handle:
-            preds = bench.answer(rows)
-            with torch.no_grad():
-                model(**timing_batch, logits_to_keep=1)  # the stats of one prefill of the timing batch
-            stats = handle.stats
+        name = row_name(setting)
+        preds, stats = answer_and_measure(model, config, lambda: bench.answer(rows), timing_batch)
         kept = [sum(row) / len(row) for row in stats.visual_per_layer]
         target = 1.0 if setting is None else setting.target
         results.append((name, bench.score(rows, preds), stats.flops, target, kept[-1], sum(kept) / len(kept)))
