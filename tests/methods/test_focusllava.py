@@ -9,6 +9,7 @@ from conftest import batch_for, instruction_attention, tiny
 import vtc
 from vtc.method import LayerContext
 from vtc.methods.focusllava import SAMPLERS, FocusLLaVA, FocusLLaVAConfig, redundancy_sampler
+from vtc.methods.windows import grid_windows, merge_windows
 from vtc.state import VisualTokenState
 
 
@@ -36,6 +37,40 @@ def test_redundant_region_becomes_one_token_and_mixed_regions_try_windows():
     assert gone == sorted(region[:-1] + window[:-1])
     assert torch.allclose(sel.hidden[0, region[-1]], feats[0, 0])
     assert torch.allclose(sel.hidden[0, window[-1]], feats[0, window].mean(0))
+
+
+def merge_region_by_region(feats: torch.Tensor, side: int, config: FocusLLaVAConfig) -> tuple[torch.Tensor, ...]:
+    """The sampler's merges spelled out for one side x side grid: one region, then its windows, at a time."""
+    hidden, keep = feats[0].clone(), torch.ones(feats.shape[1], dtype=torch.bool)
+    coarse, *finer = config.regions
+    for region in grid_windows(side, side, coarse):
+        hidden, gone, score = merge_windows(hidden, region[None], config.redundancy)
+        keep &= ~gone
+        for fine in finer:
+            if score[0] < config.redundancy:
+                for window in region[grid_windows(coarse, coarse, fine)]:
+                    hidden, gone, _ = merge_windows(hidden, window[None], config.redundancy)
+                    keep &= ~gone
+    return hidden, keep
+
+
+@pytest.mark.parametrize("regions", [(4, 2), (8, 4, 2), (6, 3)])
+def test_all_windows_of_mixed_regions_merge_as_one_region_at_a_time_would(regions):
+    side = 24
+    state, noise = grid_state(1, side)
+    # A few features repeated over 8 x 8 areas (top half) and 2 x 2 blocks (bottom half), a little noise on
+    # every token and much on a few: some regions merge whole, others only in some windows.
+    blocks = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    pick = torch.randint(0, 4, (side // 2, side // 2), generator=torch.Generator().manual_seed(2))
+    pick[: side // 4] = pick[: side // 4 : 4, ::4].repeat_interleave(4, 0).repeat_interleave(4, 1)[: side // 4]
+    odd = torch.rand(side * side, 1, generator=torch.Generator().manual_seed(3)) < 0.05
+    feats = blocks[pick.repeat_interleave(2, 0).repeat_interleave(2, 1).flatten()][None] + noise * (0.05 + odd)
+    config = FocusLLaVAConfig(regions=regions, redundancy=0.95)
+    sel = redundancy_sampler(FocusLLaVA(config), LayerContext(0, feats, state, None))
+    hidden, keep = merge_region_by_region(feats, side, config)
+    assert (~keep).any() and keep.sum() > keep.numel() // 8  # a mixed case: some windows merge, many do not
+    assert torch.equal(sel.keep[0], keep)
+    assert torch.allclose(sel.hidden[0], hidden)
 
 
 def test_regions_never_span_two_images():

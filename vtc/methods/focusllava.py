@@ -89,16 +89,13 @@ def redundancy_sampler(method: FocusLLaVA, ctx: LayerContext) -> Selection:
             regions = members[grid_windows(rows, cols, coarse).to(members.device)]  # [R, coarse^2]
             hidden[b], gone, score = merge_windows(hidden[b], regions, c.redundancy)
             keep[b] &= ~gone
-            for side in finer:  # regions that did not merge whole: try their sub-windows
-                for region in regions[score < c.redundancy]:
-                    grid = region.view(coarse, coarse)
-                    windows = torch.stack([
-                        grid[r : r + side, q : q + side].flatten()
-                        for r in range(0, coarse - side + 1, side)
-                        for q in range(0, coarse - side + 1, side)
-                    ])  # fmt: skip
-                    hidden[b], gone, _ = merge_windows(hidden[b], windows, c.redundancy)
-                    keep[b] &= ~gone
+            mixed = regions[score < c.redundancy]  # regions that did not merge whole: try their sub-windows
+            for side in finer:
+                # Every side x side window of every mixed region at once: the windows are disjoint, so one
+                # merge over all of them is the same as one per region.
+                within = grid_windows(coarse, coarse, side).to(mixed.device)  # [S, side^2] into a region
+                hidden[b], gone, _ = merge_windows(hidden[b], mixed[:, within].flatten(0, 1), c.redundancy)
+                keep[b] &= ~gone
     return Selection(keep, hidden=hidden)
 
 
