@@ -84,6 +84,8 @@ def redundancy_sampler(method: FocusLLaVA, ctx: LayerContext) -> Selection:
     state, c = ctx.state, method.config
     hidden, keep = ctx.hidden.clone(), state.visual & state.valid
     coarse, *finer = c.regions
+    # The side x side windows inside one coarse region, as indices into its coarse^2 tokens: [S, side^2].
+    within = {side: grid_windows(coarse, coarse, side).to(hidden.device) for side in finer}
     for b in range(hidden.shape[0]):
         for members, rows, cols in list(state.grids(b, keep[b])):
             regions = members[grid_windows(rows, cols, coarse).to(members.device)]  # [R, coarse^2]
@@ -93,8 +95,8 @@ def redundancy_sampler(method: FocusLLaVA, ctx: LayerContext) -> Selection:
             for side in finer:
                 # Every side x side window of every mixed region at once: the windows are disjoint, so one
                 # merge over all of them is the same as one per region.
-                within = grid_windows(coarse, coarse, side).to(mixed.device)  # [S, side^2] into a region
-                hidden[b], gone, _ = merge_windows(hidden[b], mixed[:, within].flatten(0, 1), c.redundancy)
+                windows = mixed[:, within[side]].flatten(0, 1)
+                hidden[b], gone, _ = merge_windows(hidden[b], windows, c.redundancy)
                 keep[b] &= ~gone
     return Selection(keep, hidden=hidden)
 
