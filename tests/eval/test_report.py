@@ -7,7 +7,7 @@ import random
 import pytest
 
 from vtc.eval.models import model_label
-from vtc.eval.report import pareto_front, plot_accuracy_flops
+from vtc.eval.report import accuracy_flops_figure, pareto_front, plot_accuracy_flops, rows
 
 
 def dominated(p, q) -> bool:
@@ -46,3 +46,23 @@ def test_plot_names_the_model_and_task(tmp_path) -> None:
     assert [p.name for p in paths] == ["reference_shapesqa_accuracy_flops.png"]
     assert paths[0].stat().st_size > 1000
     assert model_label("llava-hf/llava-1.5-7b-hf") == "llava-1.5-7b-hf" and model_label("reference") == "reference"
+
+
+def test_the_title_and_legend_stay_inside_the_figure() -> None:
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from matplotlib.text import Text
+
+    names = [f"{k}/576 mustdrop keep={k + 53} merge_threshold=0.9187 (a long label)" for k in (64, 128, 192)] * 6
+    runs = [run("dense", 0.9, 100.0, 1.0)] + [run(n, 0.8, 50.0, 0.5) for n in names]
+    items = rows(runs)
+    fig = accuracy_flops_figure(items[0]["model"], items[0]["task"], items)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    ax = fig.axes[0]
+    title = fig.findobj(lambda a: isinstance(a, Text) and a.get_text() == fig.get_suptitle())[0]
+    for artist in (title, ax.get_legend(), ax.xaxis.label, ax.yaxis.label):
+        extent = artist.get_window_extent(renderer)
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1 + 0.5, artist
+        assert box.y0 <= extent.y0 and extent.y1 <= box.y1 + 0.5, artist
+    plt.close(fig)

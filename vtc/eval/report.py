@@ -107,9 +107,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def plot_accuracy_flops(runs: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]:
-    """One PNG per (model, task): the primary metric against prefill FLOPs (% of dense when a dense run
-    exists), every method a point in its own colour and marker, named in a legend beside the axes (names
-    written at the points overlap), and the Pareto front drawn as a dashed step line."""
+    """One PNG per (model, task) (:func:`accuracy_flops_figure`), named after both."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,34 +119,44 @@ def plot_accuracy_flops(runs: Sequence[dict[str, Any]], out_dir: str | Path) -> 
     for r in rows(runs):
         if r["flops"] is not None and r["score"] is not None:
             groups.setdefault((r["model"], r["task"]), []).append(r)
-    markers = "os^Dvp<>hX"  # colours cycle fastest, so (colour, marker) is unique up to 100 settings
     paths = []
     for (model, task), items in groups.items():
-        relative = all(r["flops_ratio"] is not None for r in items)
-        xs = [100 * r["flops_ratio"] if relative else r["flops"] for r in items]
-        ys = [r["score"] for r in items]
-        fig, ax = plt.subplots(figsize=(7.5, 4.2))
-        cmap = plt.get_cmap("tab10")
-        for i, r in enumerate(items):
-            dense = r["method"] == DENSE
-            ax.scatter(
-                xs[i], ys[i], s=110 if dense else 45, marker="*" if dense else markers[(i // 10) % len(markers)],
-                color="black" if dense else cmap(i % 10), label=r["method"], zorder=3,
-            )  # fmt: skip
-        front = pareto_front(list(zip(xs, ys, strict=True)))
-        ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", ls="--", lw=1, color="grey",
-                label="Pareto front", zorder=2)  # fmt: skip
-        ax.set_xlabel("prefill FLOPs, % of dense (decoder layers)" if relative else "prefill FLOPs per sample")
-        ax.set_ylabel(items[0]["metric"])
-        ax.set_title(f"{task}: {items[0]['metric']} against prefill FLOPs ({model_label(model)})", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
-        fig.tight_layout()
+        fig = accuracy_flops_figure(model, task, items)
         path = out_dir / f"{model_label(model)}_{task}_accuracy_flops.png".replace("/", "_")
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def accuracy_flops_figure(model: str, task: str, items: Sequence[dict[str, Any]]):
+    """The primary metric against prefill FLOPs (% of dense when a dense run exists) for the `rows` of one
+    model and task: every method a point in its own colour and marker, named in a legend beside the axes
+    (names written at the points overlap), and the Pareto front drawn as a dashed step line. The layout is
+    constrained, so the title and the legend stay inside the figure however long the names are."""
+    import matplotlib.pyplot as plt
+
+    markers = "os^Dvp<>hX"  # colours cycle fastest, so (colour, marker) is unique up to 100 settings
+    relative = all(r["flops_ratio"] is not None for r in items)
+    xs = [100 * r["flops_ratio"] if relative else r["flops"] for r in items]
+    ys = [r["score"] for r in items]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), layout="constrained")
+    cmap = plt.get_cmap("tab10")
+    for i, r in enumerate(items):
+        dense = r["method"] == DENSE
+        ax.scatter(
+            xs[i], ys[i], s=110 if dense else 45, marker="*" if dense else markers[(i // 10) % len(markers)],
+            color="black" if dense else cmap(i % 10), label=r["method"], zorder=3,
+        )  # fmt: skip
+    front = pareto_front(list(zip(xs, ys, strict=True)))
+    ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", ls="--", lw=1, color="grey",
+            label="Pareto front", zorder=2)  # fmt: skip
+    ax.set_xlabel("prefill FLOPs, % of dense (decoder layers)" if relative else "prefill FLOPs per sample")
+    ax.set_ylabel(items[0]["metric"])
+    fig.suptitle(f"{task}: {items[0]['metric']} against prefill FLOPs ({model_label(model)})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+    return fig
 
 
 def plot_kept_patches(image: Any, kept: Sequence[int], grid: tuple[int, int], path: str | Path) -> Path:
