@@ -84,6 +84,26 @@ def test_conversation_rows_label_every_answer_and_weigh_each_once():
         assert weights.sum().item() == pytest.approx(len(examples))  # every answer sums to one
 
 
+def test_type_weights_scale_only_the_answers_of_that_type():
+    processor = reference.build_processor()
+    plain = training_batch(processor, step=1, batch=3, seed=0, turns=7)
+    weighed = training_batch(processor, step=1, batch=3, seed=0, turns=7, type_weights={"count": 3.0})
+    assert torch.equal(plain["labels"], weighed["labels"])
+    for i in range(3):
+        _, examples = shapesqa.sample_conversation(1 * 3 + i)
+        labelled = (plain["labels"][i] != -100).nonzero().flatten()
+        ratio = weighed["answer_weights"][i][labelled] / plain["answer_weights"][i][labelled]
+        # the labelled tokens in order, each tagged with its answer's type
+        types = [ex.type for ex in examples for _ in tokens_of(processor.tokenizer, ex.answer)]
+        assert ratio.tolist() == pytest.approx([3.0 if t == "count" else 1.0 for t in types])
+        assert "count" in types
+
+
+def tokens_of(tokenizer, answer: str) -> list[int]:
+    """The labelled tokens of one answer: its words and ``</s>``."""
+    return tokenizer(f"{answer} {tokenizer.eos_token}", add_special_tokens=False)["input_ids"]
+
+
 def test_early_targets_sit_on_the_last_named_shape_of_each_question():
     processor = reference.build_processor()
     batch = training_batch(processor, step=2, batch=4, seed=0, turns=7)

@@ -11,6 +11,8 @@ are pure functions of the data, kept apart from the loop, the losses and the sch
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from vtc.eval import shapesqa
@@ -39,24 +41,28 @@ def patch_targets(scene: shapesqa.Scene, patch: int) -> torch.Tensor:
     return torch.stack([colors[best], shapes[best]])
 
 
-def answer_labels(input_ids: torch.Tensor, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_labels(
+    input_ids: torch.Tensor, tokenizer, scales: Sequence[Sequence[float]] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``input_ids`` with every token outside the answers set to -100, and each labelled token's weight.
 
     An answer is what follows ``ASSISTANT :`` up to and including ``</s>``, in every turn of the row. Its
     tokens weigh ``1 / len(answer)``, so that every answer counts once in the loss however long it is (a
-    description would otherwise outweigh the one-word answers).
+    description would otherwise outweigh the one-word answers). With `scales`, the k-th answer of row i
+    counts ``scales[i][k]`` times instead (one scale per answer of the row).
     """
     assistant, colon = tokenizer.convert_tokens_to_ids(["ASSISTANT", ":"])
     labels = torch.full_like(input_ids, -100)
     weights = torch.zeros(input_ids.shape)
     for i, row in enumerate(input_ids.tolist()):
-        start = None
+        start, k = None, 0
         for t, token in enumerate(row):
             if start is not None:
                 labels[i, t] = token
                 if token == tokenizer.eos_token_id:
-                    weights[i, start : t + 1] = 1 / (t + 1 - start)
-                    start = None
+                    scale = 1.0 if scales is None else scales[i][k]
+                    weights[i, start : t + 1] = scale / (t + 1 - start)
+                    start, k = None, k + 1
             elif t and token == colon and row[t - 1] == assistant:
                 start = t + 1
     return labels, weights

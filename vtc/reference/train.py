@@ -19,6 +19,7 @@ import math
 import random
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -59,6 +60,7 @@ def training_batch(
     turns: int = 1,
     describe_every: int = 0,
     geometry: shapesqa.Variant = shapesqa.STANDARD,
+    type_weights: Mapping[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Examples ``step * batch ...`` of the stream, with labels on the answer tokens and ``</s>`` only.
 
@@ -70,7 +72,8 @@ def training_batch(
     With ``patch``, also ``patch_targets`` ``[B, 2, P]`` for the tower's auxiliary loss,
     ``attend_index`` / ``attend_patches`` / ``attend_cells`` (:func:`attention_targets`) and ``links`` /
     ``replies`` (:func:`relay_targets`), ``filter_index`` / ``filter_patches`` (:func:`filter_targets`) for
-    the attention losses. Scenes are drawn in `geometry` (ShapesQA's by default).
+    the attention losses. Scenes are drawn in `geometry` (ShapesQA's by default). `type_weights` weighs
+    each answer by its question's type (1 for a type it does not name).
     """
     tok = processor.tokenizer
     images, texts, targets, conversations, scenes = [], [], [], [], []
@@ -93,7 +96,10 @@ def training_batch(
         text += "".join(f" USER: {ex.question} ASSISTANT: {ex.answer} {tok.eos_token}" for ex in rest)
         texts.append(text)
     inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
-    inputs["labels"], inputs["answer_weights"] = answer_labels(inputs["input_ids"], tok)
+    scales = None
+    if type_weights:
+        scales = [[type_weights.get(ex.type, 1.0) for ex in examples] for examples in conversations]
+    inputs["labels"], inputs["answer_weights"] = answer_labels(inputs["input_ids"], tok, scales)
     inputs["early_targets"] = early_targets(inputs["input_ids"], conversations, tok)
     if patch is not None:
         inputs["patch_targets"] = torch.stack(targets)
@@ -288,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         "--background-share", type=float, default=0.5,
         help="share of the hidden rows that lose background only (the rest lose any tokens)",
     )  # fmt: skip
+    p.add_argument(
+        "--count-weight", type=float, default=1.0,
+        help="weight of a count answer in the answer loss (every other answer weighs 1)",
+    )  # fmt: skip
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -379,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
         inputs = training_batch(
-            processor, step, args.batch, args.seed, vision.patch_size, args.turns, args.describe_every, geometry
-        )
+            processor, step, args.batch, args.seed, vision.patch_size, args.turns, args.describe_every, geometry,
+            type_weights={"count": args.count_weight} if args.count_weight != 1.0 else None,
+        )  # fmt: skip
         targets = inputs.pop("patch_targets")  # [B, 2, P]
         labels, weights = inputs.pop("labels"), inputs.pop("answer_weights")
         early = inputs.pop("early_targets")
