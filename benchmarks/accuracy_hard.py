@@ -35,6 +35,16 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
+def load_model(path: str | None) -> tuple:
+    """The reference model at `path` (default: the ShapesQA-hard one) and its processor; exits with the fix."""
+    from vtc.reference import model as reference
+
+    try:
+        return reference.load(path or reference.HARD_WEIGHTS)
+    except FileNotFoundError as error:
+        sys.exit(f"{error} Pass --model FOLDER.")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a reference model folder (default: the ShapesQA-hard one)")
@@ -59,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown pruning method(s) {', '.join(sorted(unknown))}; choose from {known}.")
     started = time.perf_counter()
     torch.manual_seed(0)
-    try:
-        model, processor = reference.load(args.model or reference.HARD_WEIGHTS)
-    except FileNotFoundError as error:
-        sys.exit(f"{error} Pass --model FOLDER.")
+    model, processor = load_model(args.model)
     geometry = reference.variant_of(model)
     n_visual = model.config.image_seq_length
     root = tempfile.TemporaryDirectory()

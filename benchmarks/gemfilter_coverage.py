@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results" / "gemfilter_coverage.csv"), help="CSV to add rows to")
     args = parser.parse_args(argv)
 
+    from accuracy_hard import load_model  # this folder is on the path when the script runs
+
     import vtc
     from vtc.bench import format_rows
     from vtc.cli import append_rows, environment
@@ -45,10 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     torch.manual_seed(0)
-    try:
-        model, processor = reference.load(args.model or reference.HARD_WEIGHTS)
-    except FileNotFoundError as error:
-        sys.exit(f"{error} Pass --model FOLDER.")
+    model, processor = load_model(args.model)
     geometry = reference.variant_of(model)
     patch = model.config.vision_config.patch_size
     root = tempfile.TemporaryDirectory()
