@@ -359,7 +359,7 @@ def test_shipped_model_answers_every_question_type(tmp_path):
 def test_shipped_hard_model_answers_shapesqa_hard(tmp_path):
     """The ShapesQA-hard weights (576 visual tokens) answer held-out questions from the image.
 
-    docs/REFERENCE.md has the 1,000-question figures (91.3% dense; counts are the weak type); these floors,
+    docs/REFERENCE.md has the 1,000-question figures (90.4% dense; counts are the weak type); these floors,
     on 40 questions, leave room for sampling and catch a broken loader, processor or geometry.
     """
     model, processor = reference.load(reference.HARD_WEIGHTS)
@@ -374,7 +374,7 @@ def test_shipped_hard_model_answers_shapesqa_hard(tmp_path):
 @pytest.mark.slow
 def test_gemfilter_on_the_hard_model_finds_the_named_objects(tmp_path):
     """GemFilter keeping 192 of 576 tokens by the answering token's layer-1 attention (what the filter loss
-    trained) still answers the questions that hinge on named objects; counts collapse (docs/METHODS.md)."""
+    trained) still answers the questions that hinge on named objects (docs/METHODS.md)."""
     import vtc
 
     model, processor = reference.load(reference.HARD_WEIGHTS)
