@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [(row, scene) for row, scene in zip(shapesqa.read_split(root.name, "test"), scenes, strict=True)]
     chosen = [(row, scene) for row, scene in chosen if row["type"] == "count"][: args.questions]
     assert all(row["answer"] == str(len(scene.objects)) for row, scene in chosen), "rows and scenes out of step"
+    touches = [coverage(scene, patch) > 0 for _, scene in chosen]  # [objects, P] per scene, for every budget
 
     table = []
     for keep in BUDGETS:
@@ -64,14 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         with vtc.apply(model, "gemfilter", keep=keep) as handle:
             for start in range(0, len(chosen), args.batch_size):
                 chunk = chosen[start : start + args.batch_size]
+                touch = touches[start : start + args.batch_size]
                 rows = [row for row, _ in chunk]
                 with torch.no_grad():
                     model(**evaluate.inputs_for(processor, rows, root.name))  # the prefill alone: what it keeps
                 kept = handle.stats.kept_visual()
                 answers = evaluate.predict(model, processor, rows, root.name, batch_size=args.batch_size)
-                for (row, scene), tokens, answer in zip(chunk, kept, answers, strict=True):
-                    cover = coverage(scene, patch)  # [objects, P]
-                    touched_all += bool((cover[:, tokens] > 0).any(dim=1).all())
+                for (row, scene), objects, tokens, answer in zip(chunk, touch, kept, answers, strict=True):
+                    touched_all += bool(objects[:, tokens].any(dim=1).all())
                     right += shapesqa.is_correct(row, answer)
                     word = answer.split()[0] if answer.split() else ""
                     if word.isdigit():

@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
         inputs = training_batch(
             processor, step, args.batch, args.seed, vision.patch_size, args.turns, args.describe_every, geometry,
-            type_weights={"count": args.count_weight} if args.count_weight != 1.0 else None,
+            type_weights={"count": args.count_weight},
         )  # fmt: skip
         targets = inputs.pop("patch_targets")  # [B, 2, P]
         labels, weights = inputs.pop("labels"), inputs.pop("answer_weights")
